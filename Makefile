@@ -1,0 +1,52 @@
+# Two commands set everything up on a fresh machine:
+#   make run   installs, then scans examples/images with the bundled model
+#   make test  installs the dev extras too, then runs the whole test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch goes in first, pinned, so nothing later pulls a multi-GB CUDA build; every later
+# install is held to the same torch and its matching torchvision by constraints.txt.
+TORCH := torch==2.13.0
+PIP := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
+
+.PHONY: install install-dev run test test-fast lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.torch: $(BIN)/python constraints.txt
+	$(PIP) $(TORCH)
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.torch pyproject.toml
+	$(PIP) -e '.[torch]'
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) -e '.[torch,dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+install-dev: $(VENV)/.installed-dev
+
+run: install
+	$(BIN)/modq scan examples/images --report modq-report.jsonl
+
+test: install-dev
+	$(BIN)/pytest
+
+test-fast: install-dev
+	$(BIN)/pytest -m "not slow"
+
+lint: install-dev
+	$(BIN)/ruff check worker tests bench
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+bench: install-dev
+	$(BIN)/python bench/models.py
+	$(BIN)/python bench/scan.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,156 @@
+"""Turn untrusted bytes into RGB frames, refusing anything outside the limits before decoding.
+
+Order matters: the byte cap is checked before Pillow sees the data, the format allowlist at
+open (Pillow tries only the allowed plugins), the pixel and frame caps from the header before
+any pixel is decoded, and only then are frames decoded, EXIF-transposed and converted to RGB.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from worker.errors import (
+    CorruptImage,
+    EmptyImage,
+    ImageTooLarge,
+    TooManyFrames,
+    TooManyPixels,
+    UnsupportedFormat,
+)
+
+__all__ = ["ALLOWED_FORMATS", "DecodeLimits", "DecodedImage", "decode", "sample_indices"]
+
+# Pillow's format names. MPO, the multi-picture JPEG many phones write, opens through JPEG.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
+# Truncated files are refused, never silently padded with grey.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+Image.init()  # register every plugin now, so the allowlist can name them all
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    max_bytes: int = 40 * 1024 * 1024
+    max_pixels: int = 50_000_000
+    max_frames: int = 1_000
+    sample_frames: int = 8
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """Decoded RGB frames (one for a still image, evenly sampled ones for an animation)."""
+
+    frames: tuple[Image.Image, ...]
+    format: str
+    width: int
+    height: int
+    frame_count: int
+
+
+def sample_indices(frame_count: int, wanted: int) -> list[int]:
+    """Evenly spaced frame indices, always including the first and the last."""
+    if frame_count <= wanted:
+        return list(range(frame_count))
+    if wanted == 1:
+        return [0]
+    step = (frame_count - 1) / (wanted - 1)
+    return sorted({round(i * step) for i in range(wanted)})
+
+
+def decode(data: bytes, limits: DecodeLimits, draft_size: int | None = None) -> DecodedImage:
+    """Decode ``data`` within ``limits``.
+
+    ``draft_size`` lets JPEG decode at a reduced scale whose both sides stay at least
+    ``draft_size`` pixels (libjpeg's DCT scaling: much faster on large photos).
+    """
+    if not data:
+        raise EmptyImage("the image is empty (0 bytes)")
+    if len(data) > limits.max_bytes:
+        raise ImageTooLarge(f"the image is {len(data)} bytes; the limit is {limits.max_bytes}")
+    image = _open(data)
+    try:
+        return _decode_frames(image, limits, draft_size)
+    finally:
+        image.close()
+
+
+def _open(data: bytes) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            # The bomb check below is ours; Pillow's own warning would only be noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise TooManyPixels(str(exc)) from exc
+    except UnidentifiedImageError as exc:
+        raise UnsupportedFormat(
+            f"not an image in an allowed format ({', '.join(ALLOWED_FORMATS)})"
+        ) from exc
+    except (OSError, ValueError, SyntaxError, struct.error) as exc:
+        raise CorruptImage(f"cannot read the image header: {exc}") from exc
+
+
+def _decode_frames(image: Image.Image, limits: DecodeLimits, draft_size: int | None) -> DecodedImage:
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise CorruptImage(f"the image declares an empty size {width}x{height}")
+    if width * height > limits.max_pixels:
+        raise TooManyPixels(
+            f"the image declares {width}x{height} = {width * height} pixels; "
+            f"the limit is {limits.max_pixels}"
+        )
+    fmt = image.format or "unknown"
+    frame_count = _frame_count(image, limits)
+    frames = tuple(_frames(image, fmt, frame_count, limits, draft_size))
+    return DecodedImage(frames, fmt, width, height, frame_count)
+
+
+def _frame_count(image: Image.Image, limits: DecodeLimits) -> int:
+    if not getattr(image, "is_animated", False):
+        return 1
+    try:
+        count = int(getattr(image, "n_frames", 1))
+    except (OSError, ValueError, EOFError) as exc:
+        raise CorruptImage(f"cannot count the frames: {exc}") from exc
+    if count > limits.max_frames:
+        raise TooManyFrames(f"the image has {count} frames; the limit is {limits.max_frames}")
+    return count
+
+
+def _frames(
+    image: Image.Image,
+    fmt: str,
+    frame_count: int,
+    limits: DecodeLimits,
+    draft_size: int | None,
+) -> Iterator[Image.Image]:
+    # MPO's extra frames are depth maps or previews, not animation: score the primary image.
+    indices = [0] if fmt == "MPO" else sample_indices(frame_count, limits.sample_frames)
+    for index in indices:
+        try:
+            if index:
+                image.seek(index)
+            elif draft_size and fmt in ("JPEG", "MPO"):
+                image.draft("RGB", (draft_size, draft_size))
+            frame = ImageOps.exif_transpose(image) if index == 0 else image.copy()
+            yield _to_rgb(frame)
+        except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
+            raise CorruptImage(f"cannot decode frame {index}: {exc}") from exc
+
+
+def _to_rgb(frame: Image.Image) -> Image.Image:
+    if frame.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit greyscale: Pillow's convert("RGB") clips at 255, which turns a normal photo
+        # white (and would let a crafted upload hide from the model). Scale to 8 bits instead.
+        wide = np.asarray(frame, dtype=np.int64)
+        frame = Image.fromarray((np.clip(wide, 0, 65535) >> 8).astype(np.uint8))
+    rgb = frame.convert("RGB")
+    rgb.load()
+    return rgb

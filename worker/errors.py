@@ -1,0 +1,159 @@
+"""The typed errors of modq, split by what the worker must do with them.
+
+Every error carries a stable ``code`` (it ends up in results and metrics, so it never changes
+once released) and whether a retry can help::
+
+    ModqError
+    ├── PermanentError                 publish an error result now, never retry
+    │   ├── ImageError                 the bytes are not an image modq will score
+    │   │   ├── EmptyImage             empty_image
+    │   │   ├── ImageTooLarge          image_too_large      (bytes over the cap)
+    │   │   ├── TooManyPixels          too_many_pixels      (decompression bomb)
+    │   │   ├── TooManyFrames          too_many_frames
+    │   │   ├── UnsupportedFormat      unsupported_format   (not on the allowlist)
+    │   │   └── CorruptImage           corrupt_image        (truncated, undecodable)
+    │   ├── ReferenceError_            the reference cannot be read
+    │   │   ├── ForbiddenReference     forbidden_reference  (outside roots / buckets)
+    │   │   ├── InvalidReference       invalid_reference
+    │   │   └── ObjectNotFound         not_found
+    │   ├── SourceChanged              source_changed       (bytes changed under us)
+    │   ├── ModelError                 a model cannot be loaded or run as asked
+    │   │   ├── ModelNotFound          model_not_found
+    │   │   ├── UnsafeWeights          unsafe_weights       (pickle files only)
+    │   │   └── ModelConfigError       model_config
+    │   └── ConfigError                config
+    └── RetryableError                 retry with capped backoff
+        ├── StorageUnavailable         storage_unavailable
+        ├── CacheUnavailable           cache_unavailable
+        ├── DeadlineExceeded           deadline_exceeded
+        └── InferenceFailed            inference_failed
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+__all__ = [
+    "CacheUnavailable",
+    "ConfigError",
+    "CorruptImage",
+    "DeadlineExceeded",
+    "EmptyImage",
+    "ForbiddenReference",
+    "ImageError",
+    "ImageTooLarge",
+    "InferenceFailed",
+    "InvalidReference",
+    "ModelConfigError",
+    "ModelError",
+    "ModelNotFound",
+    "ModqError",
+    "ObjectNotFound",
+    "PermanentError",
+    "ReferenceError_",
+    "RetryableError",
+    "SourceChanged",
+    "StorageUnavailable",
+    "TooManyFrames",
+    "TooManyPixels",
+    "UnsafeWeights",
+    "UnsupportedFormat",
+]
+
+
+class ModqError(Exception):
+    code: ClassVar[str] = "internal"
+    retryable: ClassVar[bool] = False
+
+
+class PermanentError(ModqError):
+    code = "permanent"
+
+
+class RetryableError(ModqError):
+    code = "retryable"
+    retryable = True
+
+
+class ImageError(PermanentError):
+    code = "image"
+
+
+class EmptyImage(ImageError):
+    code = "empty_image"
+
+
+class ImageTooLarge(ImageError):
+    code = "image_too_large"
+
+
+class TooManyPixels(ImageError):
+    code = "too_many_pixels"
+
+
+class TooManyFrames(ImageError):
+    code = "too_many_frames"
+
+
+class UnsupportedFormat(ImageError):
+    code = "unsupported_format"
+
+
+class CorruptImage(ImageError):
+    code = "corrupt_image"
+
+
+class ReferenceError_(PermanentError):  # noqa: N801 - the builtin name is taken
+    code = "reference"
+
+
+class ForbiddenReference(ReferenceError_):
+    code = "forbidden_reference"
+
+
+class InvalidReference(ReferenceError_):
+    code = "invalid_reference"
+
+
+class ObjectNotFound(ReferenceError_):
+    code = "not_found"
+
+
+class SourceChanged(PermanentError):
+    code = "source_changed"
+
+
+class ModelError(PermanentError):
+    code = "model"
+
+
+class ModelNotFound(ModelError):
+    code = "model_not_found"
+
+
+class UnsafeWeights(ModelError):
+    code = "unsafe_weights"
+
+
+class ModelConfigError(ModelError):
+    code = "model_config"
+
+
+class ConfigError(PermanentError):
+    code = "config"
+
+
+class StorageUnavailable(RetryableError):
+    code = "storage_unavailable"
+
+
+class CacheUnavailable(RetryableError):
+    code = "cache_unavailable"
+
+
+class DeadlineExceeded(RetryableError):
+    code = "deadline_exceeded"
+
+
+class InferenceFailed(RetryableError):
+    code = "inference_failed"

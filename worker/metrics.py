@@ -1,0 +1,27 @@
+"""Every Prometheus metric modq exports, in one place."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+__all__ = [
+    "BATCH_SIZE",
+    "CACHE_OUTCOMES",
+    "ERRORS",
+    "FORWARD_SECONDS",
+    "IN_FLIGHT",
+    "QUEUE_WAIT_SECONDS",
+    "VERDICTS",
+]
+
+BATCH_SIZE = Histogram(
+    "modq_batch_size", "Images per forward pass", buckets=(1, 2, 4, 8, 16, 32, 64, 128)
+)
+QUEUE_WAIT_SECONDS = Histogram(
+    "modq_batch_queue_wait_seconds", "Time an image waited in the batcher before its forward pass"
+)
+FORWARD_SECONDS = Histogram("modq_forward_seconds", "Duration of one batched forward pass")
+CACHE_OUTCOMES = Counter("modq_cache_total", "Verdict cache lookups by outcome", ["outcome"])
+VERDICTS = Counter("modq_verdicts_total", "Verdicts published", ["verdict"])
+ERRORS = Counter("modq_errors_total", "Error results by stable code", ["code"])
+IN_FLIGHT = Gauge("modq_in_flight", "Images being processed now")

@@ -1,0 +1,136 @@
+"""`modq scan`: walk files and folders, run the pipeline in-process, write a JSONL report."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
+
+from worker.config import Settings
+from worker.messages import CacheOutcome, ModerationResult, Status
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
+__all__ = ["IMAGE_SUFFIXES", "ScanSummary", "iter_files", "run_scan", "write_results"]
+
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".dib", ".tif", ".tiff", ".mpo"}
+)
+
+
+def iter_files(paths: Iterable[Path], all_files: bool = False) -> Iterator[Path]:
+    """Files named directly, and, under folders (recursively, in name order), the files with an
+    image suffix (every non-hidden file with ``all_files``). The content decides the format;
+    the suffix only chooses what a folder walk picks up."""
+    for path in paths:
+        if path.is_dir():
+            for child in sorted(path.rglob("*")):
+                hidden = any(part.startswith(".") for part in child.relative_to(path).parts)
+                if child.is_file() and not hidden and (
+                    all_files or child.suffix.lower() in IMAGE_SUFFIXES
+                ):
+                    yield child
+        else:
+            yield path  # missing files become not_found results, never silently skipped
+
+
+@dataclass
+class ScanSummary:
+    images: int = 0
+    verdicts: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+    cache_hits: int = 0
+    quarantined: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    finished: float | None = None
+
+    def add(self, result: ModerationResult) -> None:
+        self.images += 1
+        if result.status is Status.ERROR and result.error is not None:
+            self.errors[result.error.code] += 1
+        if result.verdict is not None:
+            self.verdicts[result.verdict.value] += 1
+        if result.cache is not None and result.cache.outcome is CacheOutcome.EXACT:
+            self.cache_hits += 1
+        if result.action is not None and result.action.kind != "none":
+            self.quarantined += 1
+
+    @property
+    def seconds(self) -> float:
+        end = self.finished if self.finished is not None else time.perf_counter()
+        return end - self.started
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+def write_results(
+    results: Iterable[ModerationResult], report: TextIO, summary: ScanSummary
+) -> Iterator[ModerationResult]:
+    """Append each result to the JSONL report as it arrives, and count it."""
+    for result in results:
+        report.write(result.model_dump_json(exclude_none=False) + "\n")
+        summary.add(result)
+        yield result
+    report.flush()
+    summary.finished = time.perf_counter()
+
+
+def run_scan(
+    settings: Settings,
+    paths: list[Path],
+    report: Path,
+    quarantine_to: Path | None,
+    use_cache: bool = True,
+    embed: bool = False,
+    all_files: bool = False,
+    progress: Progress | None = None,
+) -> ScanSummary:
+    """Wire the pipeline from ``settings`` and scan ``paths`` into ``report``."""
+    from worker.cache import SQLiteCache
+    from worker.decode import DecodeLimits
+    from worker.models.precision import load_model
+    from worker.pipeline import Pipeline, PipelineOptions
+    from worker.policy import load_policy
+    from worker.quarantine import LocalQuarantine
+    from worker.storage import LocalStore, file_ref
+
+    files = list(iter_files(paths, all_files))
+    store = LocalStore(p if p.is_dir() else p.parent for p in paths)
+    backend = load_model(
+        settings.model, settings.device, settings.precision, settings.threads, settings.onnx_dir
+    )
+    options = PipelineOptions(
+        limits=DecodeLimits(
+            settings.max_image_bytes, settings.max_image_pixels, settings.max_frames,
+            settings.sample_frames,
+        ),
+        exact_decode=settings.exact_decode,
+        embed=embed,
+        max_batch_size=settings.max_batch_size,
+        max_wait_ms=settings.max_wait_ms,
+    )
+    cache = SQLiteCache(settings.verdict_db) if use_cache else None
+    quarantine = LocalQuarantine(quarantine_to, store) if quarantine_to else None
+    summary = ScanSummary()
+    concurrency = max(4, 2 * settings.max_batch_size)
+    report.parent.mkdir(parents=True, exist_ok=True)
+    with Pipeline(backend, store, load_policy(settings.policy, backend.card), cache, quarantine,
+                  options) as pipeline, report.open("w") as out:
+        results = pipeline.process_many((file_ref(f) for f in files), concurrency)
+        if progress is None:
+            for _ in write_results(results, out, summary):
+                pass
+        else:
+            with progress:
+                task = progress.add_task("scan", total=len(files))
+                for _ in write_results(results, out, summary):
+                    progress.advance(task)
+    if cache is not None:
+        cache.close()
+    return summary
