@@ -33,8 +33,10 @@ install-dev: $(VENV)/.installed-dev
 run: install
 	$(BIN)/modq scan examples/images --report modq-report.jsonl
 
+# pytest exits 5 when it collected nothing: a suite that runs no test has failed.
 test: install-dev
-	$(BIN)/pytest
+	$(BIN)/pytest; rc=$$?; [ $$rc -ne 5 ] || echo "no tests were collected" >&2; \
+	[ $$rc -eq 0 ]
 
 test-fast: install-dev
 	$(BIN)/pytest -m "not slow"

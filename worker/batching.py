@@ -90,7 +90,11 @@ class DynamicBatcher(Generic[T, R]):
         while len(batch) < self.max_batch_size:
             remaining = flush_at - time.monotonic()
             try:
-                nxt = self._queue.get_nowait() if remaining <= 0 else self._queue.get(timeout=remaining)
+                nxt = (
+                    self._queue.get_nowait()
+                    if remaining <= 0
+                    else self._queue.get(timeout=remaining)
+                )
             except queue.Empty:
                 break
             if nxt is _STOP:

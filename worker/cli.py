@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -24,41 +24,65 @@ app.add_typer(models_app, name="models")
 console = Console(stderr=True)
 
 
-class FailOn(str, Enum):
+class FailOn(StrEnum):
     never = "never"
     block = "block"
     review = "review"
     error = "error"
 
 
-ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="preset, dir, .onnx or Org/name[@rev] [env MODQ_MODEL]")]
-PrecisionOpt = Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16 [env MODQ_PRECISION]")]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option("--model", "-m", help="preset, dir, .onnx or Org/name[@rev] [env MODQ_MODEL]"),
+]
+PrecisionOpt = Annotated[
+    str | None, typer.Option(help="auto, fp32, bf16 or fp16 [env MODQ_PRECISION]")
+]
 DeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N [env MODQ_DEVICE]")]
 
 
 def _settings(**overrides: object) -> Settings:
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
 
 
 @app.command()
 def scan(
     paths: Annotated[list[Path], typer.Argument(help="files and folders to scan")],
     model: ModelOpt = None,
-    report: Annotated[Path, typer.Option(help="JSONL report, one object per input")] = Path("modq-report.jsonl"),
-    quarantine_to: Annotated[Path | None, typer.Option(help="move blocked images into this folder")] = None,
-    policy: Annotated[str | None, typer.Option(help="default, strict, lenient or a JSON file")] = None,
+    report: Annotated[Path, typer.Option(help="JSONL report, one object per input")] = Path(
+        "modq-report.jsonl"
+    ),
+    quarantine_to: Annotated[
+        Path | None, typer.Option(help="move blocked images into this folder")
+    ] = None,
+    policy: Annotated[
+        str | None, typer.Option(help="default, strict, lenient or a JSON file")
+    ] = None,
     batch_size: Annotated[int | None, typer.Option(help="largest batch per forward pass")] = None,
     precision: PrecisionOpt = None,
     device: DeviceOpt = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="skip the verdict cache")] = False,
-    exact_decode: Annotated[bool, typer.Option("--exact-decode", help="decode JPEGs at full size")] = False,
-    embed: Annotated[bool, typer.Option("--embed", help="add the pre-logits embedding to each result")] = False,
-    all_files: Annotated[bool, typer.Option("--all-files", help="in folders, scan every file, not only image suffixes")] = False,
-    fail_on: Annotated[FailOn, typer.Option(help="exit 1 when anything reaches this verdict")] = FailOn.never,
+    exact_decode: Annotated[
+        bool, typer.Option("--exact-decode", help="decode JPEGs at full size")
+    ] = False,
+    embed: Annotated[
+        bool, typer.Option("--embed", help="add the pre-logits embedding to each result")
+    ] = False,
+    all_files: Annotated[
+        bool,
+        typer.Option("--all-files", help="in folders, scan every file, not only image suffixes"),
+    ] = False,
+    fail_on: Annotated[
+        FailOn, typer.Option(help="exit 1 when anything reaches this verdict")
+    ] = FailOn.never,
 ) -> None:
     """Moderate files and folders in-process, with the same pipeline the queue worker runs."""
     settings = _settings(
-        model=model, policy=policy, max_batch_size=batch_size, precision=precision, device=device,
+        model=model,
+        policy=policy,
+        max_batch_size=batch_size,
+        precision=precision,
+        device=device,
         exact_decode=exact_decode or None,
     )
     configure_logging(settings.log_level, json=False)
@@ -66,8 +90,14 @@ def scan(
 
     try:
         summary = run_scan(
-            settings, paths, report, quarantine_to, use_cache=not no_cache, embed=embed,
-            all_files=all_files, progress=_progress(),
+            settings,
+            paths,
+            report,
+            quarantine_to,
+            use_cache=not no_cache,
+            embed=embed,
+            all_files=all_files,
+            progress=_progress(),
         )
     except ModqError as exc:
         console.print(f"[red]error[/red] [{exc.code}] {exc}")
@@ -79,8 +109,12 @@ def scan(
 
 def _progress() -> Progress:
     return Progress(
-        TextColumn("[bold]scanning"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, transient=False,
+        TextColumn("[bold]scanning"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
     )
 
 
@@ -102,17 +136,33 @@ def _print_summary(summary: object, report: Path) -> None:
 
     assert isinstance(summary, ScanSummary)
     table = Table(title="modq scan")
-    for column in ("images", "allow", "review", "block", "errors", "cache hits", "quarantined", "images/s"):
+    for column in (
+        "images",
+        "allow",
+        "review",
+        "block",
+        "errors",
+        "cache hits",
+        "quarantined",
+        "images/s",
+    ):
         table.add_column(column, justify="right")
     table.add_row(
-        str(summary.images), str(summary.verdicts["allow"]), str(summary.verdicts["review"]),
-        str(summary.verdicts["block"]), str(sum(summary.errors.values())), str(summary.cache_hits),
-        str(summary.quarantined), f"{summary.images_per_second:.1f}",
+        str(summary.images),
+        str(summary.verdicts["allow"]),
+        str(summary.verdicts["review"]),
+        str(summary.verdicts["block"]),
+        str(sum(summary.errors.values())),
+        str(summary.cache_hits),
+        str(summary.quarantined),
+        f"{summary.images_per_second:.1f}",
     )
     out = Console()
     out.print(table)
     if summary.errors:
-        out.print("errors by code: " + ", ".join(f"{k}={v}" for k, v in sorted(summary.errors.items())))
+        out.print(
+            "errors by code: " + ", ".join(f"{k}={v}" for k, v in sorted(summary.errors.items()))
+        )
     out.print(f"full report: {report.resolve()}")
 
 
@@ -132,8 +182,12 @@ def models_list() -> None:
             missing.append(f"  {preset.name}: {available[4:]}")
             available = "no"
         table.add_row(
-            preset.name, preset.runtime, ", ".join(preset.labels), str(preset.input_size),
-            preset.license, available,
+            preset.name,
+            preset.runtime,
+            ", ".join(preset.labels),
+            str(preset.input_size),
+            preset.license,
+            available,
         )
     out = Console()
     out.print(table)
@@ -142,7 +196,9 @@ def models_list() -> None:
 
 
 @models_app.command("info")
-def models_info(spec: Annotated[str, typer.Argument(help="preset, dir, .onnx or Org/name[@rev]")]) -> None:
+def models_info(
+    spec: Annotated[str, typer.Argument(help="preset, dir, .onnx or Org/name[@rev]")],
+) -> None:
     """Everything modq knows about one model (its card), read from its files."""
     from worker.models.factory import build_card
     from worker.models.registry import resolve
@@ -162,7 +218,12 @@ def models_info(spec: Annotated[str, typer.Argument(help="preset, dir, .onnx or 
 @models_app.command("export-onnx")
 def models_export_onnx(
     spec: Annotated[str, typer.Argument(help="a torch model: preset, dir or Org/name[@rev]")],
-    out: Annotated[Path | None, typer.Option(help="where to write; default: modq's ONNX cache, where precision auto finds it")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="where to write; default: modq's ONNX cache, where precision auto finds it"
+        ),
+    ] = None,
 ) -> None:
     """Export a torch model to ONNX (fp32, dynamic batch) with its model card."""
     from worker.models.export import export_onnx

@@ -97,7 +97,9 @@ def _open(data: bytes) -> Image.Image:
         raise CorruptImage(f"cannot read the image header: {exc}") from exc
 
 
-def _decode_frames(image: Image.Image, limits: DecodeLimits, draft_size: int | None) -> DecodedImage:
+def _decode_frames(
+    image: Image.Image, limits: DecodeLimits, draft_size: int | None
+) -> DecodedImage:
     width, height = image.size
     if width <= 0 or height <= 0:
         raise CorruptImage(f"the image declares an empty size {width}x{height}")

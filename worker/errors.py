@@ -103,7 +103,7 @@ class CorruptImage(ImageError):
     code = "corrupt_image"
 
 
-class ReferenceError_(PermanentError):  # noqa: N801 - the builtin name is taken
+class ReferenceError_(PermanentError):
     code = "reference"
 
 

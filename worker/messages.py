@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -21,18 +21,18 @@ __all__ = [
 ]
 
 
-class Verdict(str, Enum):
+class Verdict(StrEnum):
     ALLOW = "allow"
     REVIEW = "review"
     BLOCK = "block"
 
 
-class Status(str, Enum):
+class Status(StrEnum):
     OK = "ok"
     ERROR = "error"
 
 
-class CacheOutcome(str, Enum):
+class CacheOutcome(StrEnum):
     EXACT = "exact"
     PERCEPTUAL = "perceptual"
     MISS = "miss"

@@ -177,9 +177,10 @@ class Pipeline:
             outcome = CacheOutcome.MISS if self.cache is not None else CacheOutcome.DISABLED
             scores, embedding, infer_ms, image_hashes, frames = self._classify(data, sha256, clock)
             hashes = HashInfo(sha256=sha256, phash=image_hashes.phash, dhash=image_hashes.dhash)
-            self._cache_put(sha256, CachedEntry(
-                scores.probabilities, frames, image_hashes.phash, image_hashes.dhash
-            ))
+            self._cache_put(
+                sha256,
+                CachedEntry(scores.probabilities, frames, image_hashes.phash, image_hashes.dhash),
+            )
         metrics.CACHE_OUTCOMES.labels(outcome.value).inc()
         verdict = self.policy.decide(scores.nsfw_score)
         action = self._act(ref, request_id, sha256, verdict, scores)
@@ -218,7 +219,9 @@ class Pipeline:
         return worst.output.scores, worst.output.embedding, infer_ms, image_hashes, len(arrays)
 
     def _scores(self, probabilities: dict[str, float]) -> Scores:
-        row = np.array([probabilities[label] for label in self.backend.card.labels], dtype=np.float64)
+        row = np.array(
+            [probabilities[label] for label in self.backend.card.labels], dtype=np.float64
+        )
         return scores_from_probabilities(self.backend.card, row)
 
     def _cache_get(self, sha256: str) -> CachedEntry | None:
@@ -250,7 +253,9 @@ class Pipeline:
             "scores": scores.probabilities,
             "model": self._model.model_dump(),
         }
-        return ActionInfo(kind="quarantine_move", location=self.quarantine.move(ref, sha256, record))
+        return ActionInfo(
+            kind="quarantine_move", location=self.quarantine.move(ref, sha256, record)
+        )
 
     def _error(
         self, ref: str, request_id: str, clock: _Clock, code: str, message: str, retryable: bool

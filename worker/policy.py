@@ -55,6 +55,8 @@ def load_policy(name_or_file: str, card: ModelCard) -> Policy:
         )
     try:
         raw = json.loads(path.read_text())
-        return Policy(str(raw.get("name", path.stem)), float(raw["review_at"]), float(raw["block_at"]))
+        return Policy(
+            str(raw.get("name", path.stem)), float(raw["review_at"]), float(raw["block_at"])
+        )
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"policy file {path}: {exc!r}; expected review_at and block_at") from exc

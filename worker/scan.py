@@ -18,7 +18,20 @@ if TYPE_CHECKING:
 __all__ = ["IMAGE_SUFFIXES", "ScanSummary", "iter_files", "run_scan", "write_results"]
 
 IMAGE_SUFFIXES = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".dib", ".tif", ".tiff", ".mpo"}
+    {
+        ".jpg",
+        ".jpeg",
+        ".jpe",
+        ".jfif",
+        ".png",
+        ".webp",
+        ".gif",
+        ".bmp",
+        ".dib",
+        ".tif",
+        ".tiff",
+        ".mpo",
+    }
 )
 
 
@@ -30,8 +43,10 @@ def iter_files(paths: Iterable[Path], all_files: bool = False) -> Iterator[Path]
         if path.is_dir():
             for child in sorted(path.rglob("*")):
                 hidden = any(part.startswith(".") for part in child.relative_to(path).parts)
-                if child.is_file() and not hidden and (
-                    all_files or child.suffix.lower() in IMAGE_SUFFIXES
+                if (
+                    child.is_file()
+                    and not hidden
+                    and (all_files or child.suffix.lower() in IMAGE_SUFFIXES)
                 ):
                     yield child
         else:
@@ -107,7 +122,9 @@ def run_scan(
     )
     options = PipelineOptions(
         limits=DecodeLimits(
-            settings.max_image_bytes, settings.max_image_pixels, settings.max_frames,
+            settings.max_image_bytes,
+            settings.max_image_pixels,
+            settings.max_frames,
             settings.sample_frames,
         ),
         exact_decode=settings.exact_decode,
@@ -120,8 +137,12 @@ def run_scan(
     summary = ScanSummary()
     concurrency = max(4, 2 * settings.max_batch_size)
     report.parent.mkdir(parents=True, exist_ok=True)
-    with Pipeline(backend, store, load_policy(settings.policy, backend.card), cache, quarantine,
-                  options) as pipeline, report.open("w") as out:
+    with (
+        Pipeline(
+            backend, store, load_policy(settings.policy, backend.card), cache, quarantine, options
+        ) as pipeline,
+        report.open("w") as out,
+    ):
         results = pipeline.process_many((file_ref(f) for f in files), concurrency)
         if progress is None:
             for _ in write_results(results, out, summary):

@@ -30,7 +30,7 @@ def _ops_loadable() -> bool:
         return True  # nothing to repair: the import fails on its own terms
     try:
         for lib in Path(spec.origin).parent.glob("_C*.so"):
-            torch.ops.load_library(str(lib))
+            torch.ops.load_library(str(lib))  # type: ignore[no-untyped-call]
     except OSError:
         return False
     return True
@@ -42,7 +42,7 @@ def ensure_torchvision_importable() -> None:
 
     if _library is not None or hasattr(torch.ops.torchvision, "nms") or _ops_loadable():
         return
-    library = torch.library.Library("torchvision", "DEF")
+    library = torch.library.Library("torchvision", "DEF")  # type: ignore[no-untyped-call]
     for schema in _SCHEMAS:
-        library.define(schema)
+        library.define(schema)  # type: ignore[no-untyped-call]
     _library = library

@@ -78,7 +78,9 @@ class Backend(ABC):
 
     def postprocess(self, output: BatchOutput, index: int) -> ModelOutput:
         embedding = None if output.embeddings is None else output.embeddings[index]
-        return ModelOutput(scores_from_probabilities(self.card, output.probabilities[index]), embedding)
+        return ModelOutput(
+            scores_from_probabilities(self.card, output.probabilities[index]), embedding
+        )
 
     def predict(self, images: list[Image.Image], embed: bool = False) -> list[ModelOutput]:
         """The batch API: preprocess, one forward pass, postprocess."""

@@ -40,14 +40,18 @@ def export_onnx(backend: Backend, out: Path, opset: int = 18) -> Path:
     staging = out.with_name(out.name + ".partial")
     with torch.inference_mode(), warnings.catch_warnings():
         # The tracer warns about shape checks it freezes; the batch axis stays dynamic.
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # type: ignore[attr-defined]
         torch.onnx.export(
             _Both(backend).eval(),
             (example,),
             str(staging),
             input_names=["pixel_values"],
             output_names=["logits", "embedding"],
-            dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}, "embedding": {0: "batch"}},
+            dynamic_axes={
+                "pixel_values": {0: "batch"},
+                "logits": {0: "batch"},
+                "embedding": {0: "batch"},
+            },
             opset_version=opset,
             dynamo=False,
         )

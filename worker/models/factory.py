@@ -8,7 +8,7 @@ from typing import Any
 
 from worker.errors import ModelConfigError
 from worker.models.backend import Backend
-from worker.models.card import ModelCard
+from worker.models.card import ModelCard, Runtime
 from worker.models.registry import OPENNSFW_SHA256, ResolvedModel, resolve
 
 __all__ = ["build_card", "create_backend", "load_backend"]
@@ -123,7 +123,7 @@ def _opennsfw_card(resolved: ResolvedModel) -> ModelCard:
 
 
 def _timm_card(
-    resolved: ResolvedModel, config: dict[str, Any], runtime: str = "timm"
+    resolved: ResolvedModel, config: dict[str, Any], runtime: Runtime = "timm"
 ) -> ModelCard:
     cfg = config.get("pretrained_cfg") or {}
     labels = config.get("label_names") or [str(i) for i in range(int(config.get("num_classes", 0)))]
@@ -140,13 +140,13 @@ def _timm_card(
     return ModelCard(
         id=resolved.model_id,
         revision=resolved.revision,
-        runtime=runtime,  # type: ignore[arg-type]
+        runtime=runtime,
         labels=tuple(labels),
         input_size=int(input_size[-1]),
         crop=crop_mode,
         interpolation=cfg.get("interpolation", "bicubic"),
-        mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))),  # type: ignore[arg-type]
-        std=tuple(cfg.get("std", (0.229, 0.224, 0.225))),  # type: ignore[arg-type]
+        mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
+        std=tuple(cfg.get("std", (0.229, 0.224, 0.225))),
         embedding_dim=config.get("num_features"),
         license=cfg.get("license", resolved.preset.license if resolved.preset else "unknown"),
         architecture=config.get("architecture", ""),
@@ -161,7 +161,9 @@ def _transformers_card(resolved: ResolvedModel, config: dict[str, Any]) -> Model
     processor_path = resolved.path / "preprocessor_config.json"
     processor = _read_json(processor_path) if processor_path.is_file() else {}
     size = processor.get("size") or {}
-    input_size = int(size.get("height") or size.get("shortest_edge") or config.get("image_size", 224))
+    input_size = int(
+        size.get("height") or size.get("shortest_edge") or config.get("image_size", 224)
+    )
     return ModelCard(
         id=resolved.model_id,
         revision=resolved.revision,
@@ -170,8 +172,8 @@ def _transformers_card(resolved: ResolvedModel, config: dict[str, Any]) -> Model
         input_size=input_size,
         crop="squash_tv",
         interpolation=_PIL_RESAMPLE.get(int(processor.get("resample", 2)), "bilinear"),
-        mean=tuple(processor.get("image_mean", (0.5, 0.5, 0.5))),  # type: ignore[arg-type]
-        std=tuple(processor.get("image_std", (0.5, 0.5, 0.5))),  # type: ignore[arg-type]
+        mean=tuple(processor.get("image_mean", (0.5, 0.5, 0.5))),
+        std=tuple(processor.get("image_std", (0.5, 0.5, 0.5))),
         embedding_dim=config.get("hidden_size"),
         license=resolved.preset.license if resolved.preset else "unknown",
         architecture=(config.get("architectures") or [config.get("model_type", "")])[0],

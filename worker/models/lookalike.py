@@ -79,8 +79,9 @@ def _vit(configs: Path, out: Path, preset: str, tiny: bool) -> None:
 
     config = json.loads((configs / "config.json").read_text())
     if tiny:
-        config.update(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
-                      num_attention_heads=4)
+        config.update(
+            num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4
+        )
     ViTForImageClassification(ViTConfig(**config)).save_pretrained(str(out))
     (out / "config.json").write_text(json.dumps(config, indent=2))
     processor = configs / "preprocessor_config.json"
@@ -104,7 +105,8 @@ def _freepik(configs: Path, out: Path, tiny: bool) -> None:
     (staging / "config.json").write_text(config_text)
     cfg = TimmWrapperConfig.from_pretrained(str(staging))
     shutil.rmtree(staging)
-    TimmWrapperForImageClassification(cfg).to(torch.bfloat16).save_pretrained(str(out))
+    model = TimmWrapperForImageClassification(cfg).to(torch.bfloat16)  # type: ignore[arg-type]
+    model.save_pretrained(str(out))
     (out / "config.json").write_text(config_text)
 
 

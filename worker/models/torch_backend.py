@@ -92,7 +92,9 @@ class TimmBackend(TorchBackend):
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
-            raise ModelConfigError(f"{directory}: weights do not match {card.architecture}: {exc}") from exc
+            raise ModelConfigError(
+                f"{directory}: weights do not match {card.architecture}: {exc}"
+            ) from exc
         return cls(card, model, device, precision)
 
     def logits_and_embedding(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
