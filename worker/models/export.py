@@ -38,23 +38,24 @@ def export_onnx(backend: Backend, out: Path, opset: int = 18) -> Path:
     example = torch.zeros(2, 3, size, size)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(out.name + ".partial")
-    with torch.inference_mode(), warnings.catch_warnings():
-        # The tracer warns about shape checks it freezes; the batch axis stays dynamic.
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # type: ignore[attr-defined]
-        torch.onnx.export(
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings():
+        # onnxscript's optimiser notes its own internals; the export itself is checked below.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        program = torch.onnx.export(
             _Both(backend).eval(),
             (example,),
-            str(staging),
             input_names=["pixel_values"],
             output_names=["logits", "embedding"],
-            dynamic_axes={
-                "pixel_values": {0: "batch"},
-                "logits": {0: "batch"},
-                "embedding": {0: "batch"},
-            },
+            dynamic_shapes=({0: batch},),
             opset_version=opset,
-            dynamo=False,
+            dynamo=True,
+            verbose=False,
         )
+    if program is None:
+        raise ModelConfigError(f"{backend.card.id}: the ONNX exporter produced no program")
+    program.save(str(staging))
     card = dataclasses.replace(
         backend.card,
         runtime="onnx",
