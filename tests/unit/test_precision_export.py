@@ -30,7 +30,9 @@ def exported(tiny_marqo: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
     return onnx_dir, target
 
 
-def test_export_carries_card_and_matches_torch(tiny_marqo: Path, exported: tuple[Path, Path]) -> None:
+def test_export_carries_card_and_matches_torch(
+    tiny_marqo: Path, exported: tuple[Path, Path]
+) -> None:
     _, target = exported
     torch_backend = create_backend(str(tiny_marqo), device="cpu", precision="fp32")
     onnx_backend = create_backend(str(target))
@@ -57,7 +59,9 @@ def test_auto_considers_the_onnx_export(tiny_marqo: Path, exported: tuple[Path, 
     batch = backend.forward(np.stack([backend.preprocess(i) for i in images]))
     assert np.abs(batch.probabilities - batch_ref.probabilities).max() <= MAX_DRIFT
     assert (backend.card.runtime, backend.precision) in {
-        ("timm", "fp32"), ("timm", "bf16"), ("onnx", "fp32")
+        ("timm", "fp32"),
+        ("timm", "bf16"),
+        ("onnx", "fp32"),
     }
 
 
