@@ -148,7 +148,8 @@ def _timm_card(
         mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
         std=tuple(cfg.get("std", (0.229, 0.224, 0.225))),
         embedding_dim=config.get("num_features"),
-        license=cfg.get("license", resolved.preset.license if resolved.preset else "unknown"),
+        # pretrained_cfg's licence is the base weights' (timm's), not the fine-tune's.
+        license=resolved.preset.license if resolved.preset else "unknown",
         architecture=config.get("architecture", ""),
         graded=_graded(labels),
         extra=extra,

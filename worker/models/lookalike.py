@@ -108,6 +108,12 @@ def _freepik(configs: Path, out: Path, tiny: bool) -> None:
     model = TimmWrapperForImageClassification(cfg).to(torch.bfloat16)  # type: ignore[arg-type]
     model.save_pretrained(str(out))
     (out / "config.json").write_text(config_text)
+    # Freepik's file stores plain timm keys; transformers adds the timm_model. prefix on load.
+    from safetensors.torch import load_file, save_file
+
+    weights = out / "model.safetensors"
+    state = {k.removeprefix("timm_model."): v for k, v in load_file(str(weights)).items()}
+    save_file(state, str(weights), metadata={"format": "pt"})
 
 
 def install_in_hub_cache(source: Path, hub_cache: Path, repo: str, commit: str) -> Path:

@@ -83,12 +83,12 @@ def _normalize(card: ModelCard, image: Image.Image) -> np.ndarray:
 def _squash_tv(card: ModelCard, image: Image.Image) -> np.ndarray:
     # transformers 5's image processors: a uint8 CHW tensor resized by torchvision with
     # antialias (rounded back to uint8), then one fused rescale-and-normalize in float32.
-    import torch
-    from torchvision.transforms.v2 import functional as tvf
-
     from worker.models._torchvision_compat import ensure_torchvision_importable
 
     ensure_torchvision_importable()
+    import torch
+    from torchvision.transforms.v2 import functional as tvf
+
     size = card.input_size
     tensor = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
     mode = tvf.InterpolationMode(card.interpolation)

@@ -120,6 +120,8 @@ def download_command(repo: str, revision: str | None) -> str:
 
 
 def resolve(spec: str) -> ResolvedModel:
+    if not spec.strip():
+        raise ModelNotFound("no model given: name a preset, a directory, an .onnx file or a hub id")
     preset = PRESETS.get(spec)
     if preset is not None:
         if preset.hub_id is None:

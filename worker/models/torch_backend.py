@@ -80,13 +80,16 @@ class TimmBackend(TorchBackend):
         from safetensors.torch import load_file
 
         timm = _import_timm()
+        weights = directory / "model.safetensors"
+        if not weights.is_file():
+            raise ModelConfigError(f"{directory}: timm models load from one model.safetensors")
         extra_args = dict(card.extra.get("model_args", {}))
         if "global_pool" in card.extra:
             extra_args["global_pool"] = card.extra["global_pool"]
         model = timm.create_model(
             card.architecture, pretrained=False, num_classes=len(card.labels), **extra_args
         )
-        state = load_file(str(directory / "model.safetensors"))
+        state = load_file(str(weights))
         # strict: a head (or any weight) missing from the file is an error, never silently
         # replaced by random initialisation.
         try:
@@ -113,12 +116,20 @@ class TransformersBackend(TorchBackend):
         _import_timm()  # TimmWrapper models and the image processors need torchvision
         from transformers import AutoModelForImageClassification
 
-        model = AutoModelForImageClassification.from_pretrained(
+        model, info = AutoModelForImageClassification.from_pretrained(
             str(directory),
             use_safetensors=True,
             local_files_only=True,
             dtype=torch.float32,
+            output_loading_info=True,
         )
+        # transformers initialises missing weights (a missing head!) at random and only logs
+        # it: a model that is not entirely the file's is refused.
+        problems = {k: sorted(info.get(k) or ()) for k in ("missing_keys", "mismatched_keys")}
+        if any(problems.values()):
+            raise ModelConfigError(
+                f"{directory}: weights do not match {card.architecture}: {problems}"
+            )
         return cls(card, model, device, precision)
 
     def logits_and_embedding(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
