@@ -39,7 +39,6 @@ print(__MARKER__ + json.dumps({"shapes": shapes, "sums": sums}))
 """.replace("__MARKER__", repr(RESULT_MARKER))
 
 
-
 def test_squash_tv_preprocessing_in_a_fresh_interpreter(
     tiny_backend: Callable[[str], Any], images: list[Image.Image], tmp_path: Path
 ) -> None:
