@@ -21,6 +21,8 @@ __all__ = ["app", "main"]
 app = typer.Typer(help="modq: moderate images with NSFW classifiers.", no_args_is_help=True)
 models_app = typer.Typer(help="List, inspect and export models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+schemas_app = typer.Typer(help="The wire contract as JSON Schema.", no_args_is_help=True)
+app.add_typer(schemas_app, name="schemas")
 console = Console(stderr=True)
 
 
@@ -239,6 +241,17 @@ def models_export_onnx(
         console.print(f"[red]error[/red] [{exc.code}] {exc}")
         raise typer.Exit(2) from exc
     Console().print(f"wrote {target}")
+
+
+@schemas_app.command("export")
+def schemas_export(
+    out: Annotated[Path, typer.Option(help="folder for the .json files")] = Path("schemas"),
+) -> None:
+    """Write the JSON Schemas of modq's messages (generated from the pydantic models)."""
+    from worker.schemas import write_all
+
+    for path in write_all(out):
+        Console().print(f"wrote {path}")
 
 
 def main() -> None:
