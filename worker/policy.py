@@ -55,6 +55,8 @@ def load_policy(name_or_file: str, card: ModelCard) -> Policy:
         )
     try:
         raw = json.loads(path.read_text())
+        if not isinstance(raw, dict):
+            raise TypeError("the file must hold one JSON object")
         return Policy(
             str(raw.get("name", path.stem)), float(raw["review_at"]), float(raw["block_at"])
         )

@@ -1,6 +1,6 @@
 """Idempotent quarantine moves that never lose a file.
 
-A move is copy (or hard link) → verify the copy's sha256 against the bytes that were scored →
+A move is copy → verify the copy's sha256 against the bytes that were scored →
 record → delete the source. A crash between any two steps leaves the image in at least one
 place, and running the move again finishes it.
 """
@@ -67,10 +67,9 @@ class LocalQuarantine:
             raise ObjectNotFound(f"{source} is gone and no verified copy exists in quarantine")
         staging = target.with_name(target.name + ".partial")
         staging.unlink(missing_ok=True)
-        try:
-            os.link(source, staging)  # same filesystem: no bytes copied
-        except OSError:
-            self._copy_bytes(source, staging)
+        # A real copy, never a hard link: a writer that later rewrites the source in place
+        # must not be able to change the quarantined bytes.
+        self._copy_bytes(source, staging)
         if _file_sha256(staging) != sha256:
             staging.unlink()
             raise SourceChanged(f"{source} changed since it was scored; left in place")
