@@ -8,7 +8,6 @@ any pixel is decoded, and only then are frames decoded, EXIF-transposed and conv
 from __future__ import annotations
 
 import io
-import struct
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from worker.errors import (
     CorruptImage,
     EmptyImage,
     ImageTooLarge,
+    ModqError,
     TooManyFrames,
     TooManyPixels,
     UnsupportedFormat,
@@ -77,6 +77,14 @@ def decode(data: bytes, limits: DecodeLimits, draft_size: int | None = None) -> 
     image = _open(data)
     try:
         return _decode_frames(image, limits, draft_size)
+    except ModqError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise TooManyPixels(str(exc)) from exc
+    except Exception as exc:
+        # Pillow's plugins raise whatever their parser hits on malformed input (TypeError,
+        # KeyError, IndexError, struct.error …): all of it means "not a decodable image".
+        raise CorruptImage(f"cannot decode the image: {type(exc).__name__}: {exc}") from exc
     finally:
         image.close()
 
@@ -93,8 +101,8 @@ def _open(data: bytes) -> Image.Image:
         raise UnsupportedFormat(
             f"not an image in an allowed format ({', '.join(ALLOWED_FORMATS)})"
         ) from exc
-    except (OSError, ValueError, SyntaxError, struct.error) as exc:
-        raise CorruptImage(f"cannot read the image header: {exc}") from exc
+    except Exception as exc:  # any parser failure on the header
+        raise CorruptImage(f"cannot read the image header: {type(exc).__name__}: {exc}") from exc
 
 
 def _decode_frames(
@@ -117,10 +125,7 @@ def _decode_frames(
 def _frame_count(image: Image.Image, limits: DecodeLimits) -> int:
     if not getattr(image, "is_animated", False):
         return 1
-    try:
-        count = int(getattr(image, "n_frames", 1))
-    except (OSError, ValueError, EOFError) as exc:
-        raise CorruptImage(f"cannot count the frames: {exc}") from exc
+    count = int(getattr(image, "n_frames", 1))
     if count > limits.max_frames:
         raise TooManyFrames(f"the image has {count} frames; the limit is {limits.max_frames}")
     return count
@@ -136,15 +141,18 @@ def _frames(
     # MPO's extra frames are depth maps or previews, not animation: score the primary image.
     indices = [0] if fmt == "MPO" else sample_indices(frame_count, limits.sample_frames)
     for index in indices:
-        try:
-            if index:
-                image.seek(index)
-            elif draft_size and fmt in ("JPEG", "MPO"):
-                image.draft("RGB", (draft_size, draft_size))
-            frame = ImageOps.exif_transpose(image) if index == 0 else image.copy()
-            yield _to_rgb(frame)
-        except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
-            raise CorruptImage(f"cannot decode frame {index}: {exc}") from exc
+        if index:
+            image.seek(index)
+            # A later frame may declare a larger canvas than the header did.
+            width, height = image.size
+            if width * height > limits.max_pixels:
+                raise TooManyPixels(
+                    f"frame {index} is {width}x{height}; the limit is {limits.max_pixels} pixels"
+                )
+        elif draft_size and fmt in ("JPEG", "MPO"):
+            image.draft("RGB", (draft_size, draft_size))
+        frame = ImageOps.exif_transpose(image) if index == 0 else image.copy()
+        yield _to_rgb(frame)
 
 
 def _to_rgb(frame: Image.Image) -> Image.Image:
