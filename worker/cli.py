@@ -144,8 +144,8 @@ def _print_summary(summary: object, report: Path) -> None:
         "review",
         "block",
         "errors",
-        "cache hits",
-        "quarantined",
+        "cached",
+        "moved",
         "images/s",
     ):
         table.add_column(column, justify="right")
@@ -165,6 +165,8 @@ def _print_summary(summary: object, report: Path) -> None:
         out.print(
             "errors by code: " + ", ".join(f"{k}={v}" for k, v in sorted(summary.errors.items()))
         )
+    if summary.model:
+        out.print(f"model: {summary.model}")
     out.print(f"full report: {report.resolve()}")
 
 

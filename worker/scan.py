@@ -62,6 +62,7 @@ class ScanSummary:
     quarantined: int = 0
     started: float = field(default_factory=time.perf_counter)
     finished: float | None = None
+    model: str = ""
 
     def add(self, result: ModerationResult) -> None:
         self.images += 1
@@ -134,7 +135,7 @@ def run_scan(
     )
     cache = SQLiteCache(settings.verdict_db) if use_cache else None
     quarantine = LocalQuarantine(quarantine_to, store) if quarantine_to else None
-    summary = ScanSummary()
+    summary = ScanSummary(model=backend.describe())
     concurrency = max(4, 2 * settings.max_batch_size)
     report.parent.mkdir(parents=True, exist_ok=True)
     with (
