@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from worker import metrics
 from worker.errors import DeadlineExceeded, InferenceFailed, ModqError
@@ -119,10 +119,13 @@ class DynamicBatcher(Generic[T, R]):
             results = self._run_batch([p.item for p in live])
             if len(results) != len(live):
                 raise InferenceFailed(f"batch of {len(live)} returned {len(results)} outputs")
-        except Exception:
-            # Isolate the failure: run each item alone, so only the bad one fails.
-            for pending in live:
-                self._run_one(pending)
+        except Exception as exc:
+            if len(live) == 1:
+                _fail(live[0], exc)
+            else:
+                # Isolate the failure: run each item alone, so only the bad one fails.
+                for pending in live:
+                    self._run_one(pending)
             return
         finally:
             metrics.FORWARD_SECONDS.observe(time.perf_counter() - started)
@@ -135,9 +138,14 @@ class DynamicBatcher(Generic[T, R]):
             if len(results) != 1:
                 raise InferenceFailed(f"one input returned {len(results)} outputs")
             pending.future.set_result(results[0])
-        except ModqError as exc:
-            pending.future.set_exception(exc)
         except Exception as exc:
-            failure = InferenceFailed(f"inference failed: {exc!r}")
-            failure.__cause__ = exc
-            pending.future.set_exception(failure)
+            _fail(pending, exc)
+
+
+def _fail(pending: _Pending[Any, Any], exc: Exception) -> None:
+    if isinstance(exc, ModqError):
+        pending.future.set_exception(exc)
+        return
+    failure = InferenceFailed(f"inference failed: {exc!r}")
+    failure.__cause__ = exc
+    pending.future.set_exception(failure)

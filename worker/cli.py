@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -102,7 +103,7 @@ def scan(
             progress=_progress(),
         )
     except ModqError as exc:
-        console.print(f"[red]error[/red] [{exc.code}] {exc}")
+        console.print(f"[red]error[/red] {escape(f'[{exc.code}] {exc}')}")
         raise typer.Exit(2) from exc
     _print_summary(summary, report)
     if _failed(summary, fail_on):
@@ -211,7 +212,7 @@ def models_info(
         resolved = resolve(spec)
         card = build_card(resolved)
     except ModqError as exc:
-        console.print(f"[red]error[/red] [{exc.code}] {exc}")
+        console.print(f"[red]error[/red] {escape(f'[{exc.code}] {exc}')}")
         raise typer.Exit(2) from exc
     info = json.loads(card.to_json())
     info["path"] = str(resolved.path)
@@ -240,7 +241,7 @@ def models_export_onnx(
         target = out or export_path(settings.onnx_dir, backend.card)
         export_onnx(backend, target)
     except ModqError as exc:
-        console.print(f"[red]error[/red] [{exc.code}] {exc}")
+        console.print(f"[red]error[/red] {escape(f'[{exc.code}] {exc}')}")
         raise typer.Exit(2) from exc
     Console().print(f"wrote {target}")
 

@@ -142,13 +142,17 @@ def _frames(
     indices = [0] if fmt == "MPO" else sample_indices(frame_count, limits.sample_frames)
     for index in indices:
         if index:
-            image.seek(index)
-            # A later frame may declare a larger canvas than the header did.
-            width, height = image.size
-            if width * height > limits.max_pixels:
-                raise TooManyPixels(
-                    f"frame {index} is {width}x{height}; the limit is {limits.max_pixels} pixels"
-                )
+            # Step frame by frame: Pillow decodes the frames it passes, and any of them may
+            # declare a larger canvas than the header did.
+            for step in range(image.tell() + 1, index + 1):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                    image.seek(step)
+                width, height = image.size
+                if width * height > limits.max_pixels:
+                    raise TooManyPixels(
+                        f"frame {step} is {width}x{height}; the limit is {limits.max_pixels} pixels"
+                    )
         elif draft_size and fmt in ("JPEG", "MPO"):
             image.draft("RGB", (draft_size, draft_size))
         frame = ImageOps.exif_transpose(image) if index == 0 else image.copy()
@@ -158,9 +162,12 @@ def _frames(
 def _to_rgb(frame: Image.Image) -> Image.Image:
     if frame.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16-bit greyscale: Pillow's convert("RGB") clips at 255, which turns a normal photo
-        # white (and would let a crafted upload hide from the model). Scale to 8 bits instead.
-        wide = np.asarray(frame, dtype=np.int64)
-        frame = Image.fromarray((np.clip(wide, 0, 65535) >> 8).astype(np.uint8))
+        # white (and would let a crafted upload hide from the model). Scale to 8 bits instead;
+        # 32-bit "I" images holding 8-bit values are kept as they are.
+        wide = np.clip(np.asarray(frame, dtype=np.int64), 0, 65535)
+        if frame.mode != "I" or wide.max(initial=0) > 255:
+            wide >>= 8
+        frame = Image.fromarray(wide.astype(np.uint8))
     rgb = frame.convert("RGB")
     rgb.load()
     return rgb

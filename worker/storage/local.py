@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -27,7 +28,9 @@ class LocalStore:
     def read(self, ref: str, max_bytes: int) -> bytes:
         real = self.confine(ref)
         try:
-            with real.open("rb") as handle:
+            # O_NOFOLLOW: a symlink swapped in after the check above is refused, not followed.
+            fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            with os.fdopen(fd, "rb") as handle:
                 data = handle.read(max_bytes + 1)
         except FileNotFoundError as exc:
             raise ObjectNotFound(f"{ref} does not exist") from exc
@@ -36,6 +39,8 @@ class LocalStore:
         except PermissionError as exc:
             raise ForbiddenReference(f"{ref}: permission denied") from exc
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise ForbiddenReference(f"{ref} changed into a symlink while being read") from exc
             raise StorageUnavailable(f"cannot read {ref}: {exc}") from exc
         if len(data) > max_bytes:
             raise ImageTooLarge(f"{ref} is over the {max_bytes}-byte limit")
