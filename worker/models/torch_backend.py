@@ -115,7 +115,10 @@ class TransformersBackend(TorchBackend):
 
         _import_timm()  # TimmWrapper models and the image processors need torchvision
         from transformers import AutoModelForImageClassification
+        from transformers.utils import logging as transformers_logging
 
+        # Its per-tensor loading bar would break `modq scan`'s progress display.
+        transformers_logging.disable_progress_bar()
         model, info = AutoModelForImageClassification.from_pretrained(
             str(directory),
             use_safetensors=True,
