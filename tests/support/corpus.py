@@ -16,11 +16,12 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "images"
 
 
 def _photos() -> list[Image.Image]:
-    photos = []
+    colour, grey = [], []
     for path in sorted(EXAMPLES.glob("*.jpg")):
         with Image.open(path) as image:
-            photos.append(image.convert("RGB"))
-    if len(photos) < 4:
+            (grey if image.mode == "L" else colour).append(image.convert("RGB"))
+    photos = colour + grey  # the variants below are made from colour photos
+    if len(colour) < 4:
         raise RuntimeError(f"expected the example photos in {EXAMPLES}")
     return photos
 
