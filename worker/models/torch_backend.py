@@ -118,7 +118,7 @@ class TransformersBackend(TorchBackend):
         from transformers.utils import logging as transformers_logging
 
         # Its per-tensor loading bar would break `modq scan`'s progress display.
-        transformers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
         model, info = AutoModelForImageClassification.from_pretrained(
             str(directory),
             use_safetensors=True,
