@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -16,6 +16,9 @@ from rich.table import Table
 from worker.config import Settings
 from worker.errors import ModqError
 from worker.log import configure_logging
+
+if TYPE_CHECKING:
+    from worker.scan import ScanSummary
 
 __all__ = ["app", "main"]
 
@@ -121,10 +124,7 @@ def _progress() -> Progress:
     )
 
 
-def _failed(summary: object, fail_on: FailOn) -> bool:
-    from worker.scan import ScanSummary
-
-    assert isinstance(summary, ScanSummary)
+def _failed(summary: ScanSummary, fail_on: FailOn) -> bool:
     if fail_on is FailOn.block:
         return summary.verdicts["block"] > 0
     if fail_on is FailOn.review:
@@ -134,10 +134,7 @@ def _failed(summary: object, fail_on: FailOn) -> bool:
     return False
 
 
-def _print_summary(summary: object, report: Path) -> None:
-    from worker.scan import ScanSummary
-
-    assert isinstance(summary, ScanSummary)
+def _print_summary(summary: ScanSummary, report: Path) -> None:
     table = Table(title="modq scan")
     for column in (
         "images",

@@ -45,7 +45,6 @@ class ModelCard:
     architecture: str = ""
     # Graded models (Freepik) list their labels from safest to worst; scores are cumulative.
     graded: bool = False
-    channels_last_bgr: bool = False  # open_nsfw takes NHWC BGR
     # Bumped whenever modq's preprocessing for this kind of model changes, so cached scores
     # from an older preprocessing are never reused.
     preprocess_version: str = "1"

@@ -110,7 +110,6 @@ def _opennsfw_card(resolved: ResolvedModel) -> ModelCard:
         embedding_dim=1024,
         license="BSD-2-Clause",
         architecture="resnet50-thin (Caffe, open_nsfw)",
-        channels_last_bgr=True,
         extra={
             "onnx_input": "input:0",
             "onnx_scores": "outputs",
