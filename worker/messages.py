@@ -1,11 +1,15 @@
-"""The wire contract: pydantic models of what modq publishes. No heavy imports here."""
+"""The wire contract: pydantic models of what producers send and modq publishes.
+
+No heavy imports here: producers install modq to enqueue, not to infer.
+"""
 
 from __future__ import annotations
 
 from enum import StrEnum
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
     "ActionInfo",
@@ -14,6 +18,7 @@ __all__ = [
     "ErrorInfo",
     "HashInfo",
     "ModelInfo",
+    "ModerationRequest",
     "ModerationResult",
     "Status",
     "Timings",
@@ -80,6 +85,60 @@ class ErrorInfo(_Frozen):
     retryable: bool
 
 
+IMAGE_SCHEMES = ("s3", "file", "https", "http")
+CALLBACK_SCHEMES = ("celery", "redis-stream", "https")
+MAX_METADATA_BYTES = 16 * 1024
+
+
+def _check_uri(value: str, schemes: tuple[str, ...], what: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in schemes:
+        raise ValueError(f"{what} must use one of {', '.join(s + '://' for s in schemes)}")
+    if parts.scheme in ("s3", "https", "http", "celery", "redis-stream") and not parts.netloc:
+        raise ValueError(f"{what} {value!r} names no bucket, host, task or stream")
+    return value
+
+
+class ModerationRequest(_Frozen):
+    """One image to moderate. ``request_id`` is the idempotency key: a re-delivered request
+    re-publishes the same result."""
+
+    schema_version: Literal[1] = 1
+    request_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")
+    image: str = Field(
+        max_length=4096,
+        description="s3://bucket/key[?versionId=…], file:///path or https://host/path",
+    )
+    callback: str | None = Field(
+        default=None,
+        max_length=2048,
+        description="celery://task.name?queue=q, redis-stream://stream or https://host/hook",
+    )
+    policy: str | None = Field(default=None, max_length=256)
+    embed: bool = False
+    metadata: dict[str, str] = Field(
+        default_factory=dict, description="echoed back in the result; at most 16 KiB"
+    )
+
+    @field_validator("image")
+    @classmethod
+    def _image_uri(cls, value: str) -> str:
+        return _check_uri(value, IMAGE_SCHEMES, "image")
+
+    @field_validator("callback")
+    @classmethod
+    def _callback_uri(cls, value: str | None) -> str | None:
+        return None if value is None else _check_uri(value, CALLBACK_SCHEMES, "callback")
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_size(cls, value: dict[str, str]) -> dict[str, str]:
+        size = sum(len(k.encode()) + len(v.encode()) for k, v in value.items())
+        if size > MAX_METADATA_BYTES:
+            raise ValueError(f"metadata is {size} bytes; the limit is {MAX_METADATA_BYTES}")
+        return value
+
+
 class ModerationResult(_Frozen):
     schema_version: Literal[1] = 1
     request_id: str
@@ -97,4 +156,5 @@ class ModerationResult(_Frozen):
     action: ActionInfo | None = None
     timings: Timings = Field(default_factory=Timings)
     embedding: list[float] | None = None
+    metadata: dict[str, str] = Field(default_factory=dict, description="the request's, echoed")
     error: ErrorInfo | None = None

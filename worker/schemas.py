@@ -7,11 +7,12 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from worker.messages import ModerationResult
+from worker.messages import ModerationRequest, ModerationResult
 
 __all__ = ["SCHEMAS", "render", "write_all"]
 
 SCHEMAS: dict[str, type[BaseModel]] = {
+    "moderation_request.v1.json": ModerationRequest,
     "moderation_result.v1.json": ModerationResult,
 }
 
