@@ -115,7 +115,7 @@ def scan(backend: Backend, paths: list[Path], batch: int, limits: DecodeLimits) 
     """The pipeline as `modq scan` builds it (see worker/scan.py: run_scan), model preloaded."""
     options = PipelineOptions(limits=limits, max_batch_size=batch, max_wait_ms=10.0)
     store = LocalStore([paths[0].parent])
-    concurrency = max(4, 2 * batch)
+    concurrency = max(4, min(2 * batch, batch + 2 * (os.cpu_count() or 1)))  # as run_scan
     with Pipeline(backend, store, Policy("bench", 0.5, 0.9), None, None, options) as pipeline:
         started = time.perf_counter()
         results = list(pipeline.process_many(map(file_ref, paths), concurrency))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -136,7 +137,11 @@ def run_scan(
     cache = SQLiteCache(settings.verdict_db) if use_cache else None
     quarantine = LocalQuarantine(quarantine_to, store) if quarantine_to else None
     summary = ScanSummary(model=backend.describe())
-    concurrency = max(4, 2 * settings.max_batch_size)
+    # Enough threads to fill a batch while one runs, bounded by the cores: each thread holds
+    # its decoded frames until its batch returns.
+    concurrency = max(
+        4, min(2 * settings.max_batch_size, settings.max_batch_size + 2 * (os.cpu_count() or 1))
+    )
     report.parent.mkdir(parents=True, exist_ok=True)
     with (
         Pipeline(

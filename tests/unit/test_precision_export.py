@@ -93,3 +93,26 @@ def test_auto_refuses_a_candidate_that_drifts(tiny_marqo: Path) -> None:
     chosen = choose(base, [drifting])
     assert chosen is base
     assert choose(base, [drifting, within]) in (base, within)
+
+
+def test_card_from_an_older_export_still_reads(tiny_marqo: Path) -> None:
+    import json
+
+    from worker.errors import ModelConfigError
+    from worker.models.card import ModelCard
+
+    card = create_backend(str(tiny_marqo), device="cpu", precision="fp32").card
+    stored = json.loads(card.to_json())
+    stored["channels_last_bgr"] = False  # a field an older modq wrote
+    assert ModelCard.from_json(json.dumps(stored)) == card
+    del stored["labels"]
+    with pytest.raises(ModelConfigError, match="re-export"):
+        ModelCard.from_json(json.dumps(stored))
+
+
+def test_auto_skips_an_unreadable_export(tiny_marqo: Path, tmp_path: Path) -> None:
+    base = create_backend(str(tiny_marqo), device="cpu", precision="fp32")
+    stale = export_path(tmp_path, base.card)
+    stale.write_bytes(b"not an onnx graph")
+    backend = load_model(str(tiny_marqo), device="cpu", precision="auto", onnx_dir=tmp_path)
+    assert backend.card.runtime == "timm"

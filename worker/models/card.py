@@ -7,8 +7,10 @@ metadata), so settings never repeat what the model already knows.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
+
+from worker.errors import ModelConfigError
 
 __all__ = [
     "UNSAFE_LABELS",
@@ -73,7 +75,16 @@ class ModelCard:
 
     @classmethod
     def from_json(cls, text: str) -> ModelCard:
-        raw = json.loads(text)
-        for key in ("labels", "mean", "std"):
-            raw[key] = tuple(raw[key])
-        return cls(**raw)
+        """Read a stored card; fields an older or newer modq wrote and this one does not know
+        are ignored, and a card missing what this modq needs is a ModelConfigError."""
+        try:
+            raw = json.loads(text)
+            known = {f.name for f in fields(cls)}
+            kept = {k: v for k, v in raw.items() if k in known}
+            for key in ("labels", "mean", "std"):
+                kept[key] = tuple(kept[key])
+            return cls(**kept)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise ModelConfigError(
+                f"unreadable model card ({exc}); re-export with `modq models export-onnx SPEC`"
+            ) from exc

@@ -20,7 +20,10 @@ def read_card_metadata(path: Path) -> ModelCard | None:
     """The card modq stores in a graph it exported, or None for a foreign graph."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf and onnx raise their own untyped errors
+        raise ModelConfigError(f"{path} is not a readable ONNX graph: {exc}") from exc
     for prop in model.metadata_props:
         if prop.key == CARD_METADATA_KEY:
             return ModelCard.from_json(prop.value)
@@ -69,6 +72,8 @@ class OnnxBackend(Backend):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or (os.cpu_count() or 1)
         options.log_severity_level = 3
+        # Idle intra-op threads would otherwise spin on the cores the decode threads need.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         graph: str | bytes = str(path)
         if self._embedding:
             graph = _with_embedding_output(path, str(self._embedding))

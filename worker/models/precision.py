@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from worker.errors import ModqError
 from worker.log import get_logger
 from worker.models.backend import Backend
 from worker.models.card import ModelCard
@@ -89,9 +90,12 @@ def _candidates(base: Backend, onnx_dir: Path | None, device: str, threads: int)
     if exported is not None and exported.is_file():
         from worker.models.onnx_backend import OnnxBackend, read_card_metadata
 
-        card = read_card_metadata(exported)
-        if card is not None:
-            found.append(OnnxBackend(card, exported, device, threads))
+        try:
+            card = read_card_metadata(exported)
+            if card is not None:
+                found.append(OnnxBackend(card, exported, device, threads))
+        except ModqError as exc:  # a stale export must not stop the model from loading
+            log.warning("ignoring ONNX export", path=str(exported), error=str(exc))
     return found
 
 
