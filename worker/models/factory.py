@@ -9,7 +9,7 @@ from typing import Any
 from worker.errors import ModelConfigError
 from worker.models.backend import Backend
 from worker.models.card import ModelCard, Runtime
-from worker.models.registry import OPENNSFW_SHA256, ResolvedModel, resolve
+from worker.models.registry import OPENNSFW_SHA256, PRESETS, ResolvedModel, resolve
 
 __all__ = ["build_card", "create_backend", "load_backend"]
 
@@ -96,7 +96,8 @@ def _onnx_card(resolved: ResolvedModel) -> ModelCard:
 
 
 def _opennsfw_card(resolved: ResolvedModel) -> ModelCard:
-    review, block = (0.2, 0.8)
+    # The same graph reached by path still gets Yahoo's thresholds from the preset.
+    review, block = PRESETS["opennsfw"].thresholds
     return ModelCard(
         id=resolved.model_id,
         revision=resolved.revision,
