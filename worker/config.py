@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["Precision", "Settings", "default_cache_dir"]
+__all__ = ["Precision", "QuarantineAction", "Settings", "default_cache_dir"]
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+QuarantineAction = Literal["move", "copy", "tag"]
+# Lists read from the environment as comma-separated values: MODQ_ALLOWED_BUCKETS=a,b
+CommaList = Annotated[list[str], NoDecode]
 
 
 def default_cache_dir() -> Path:
@@ -37,6 +40,76 @@ class Settings(BaseSettings):
     max_frames: int = Field(1_000, ge=1)
     sample_frames: int = Field(8, ge=1)
     log_level: str = "INFO"
+    log_json: bool = Field(False, description="JSON log lines (the worker always logs JSON)")
+
+    # -- queue mode ------------------------------------------------------------------------
+    broker_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker (Redis)")
+    cache_url: str | None = Field(
+        "redis://127.0.0.1:6379/1",
+        description="Redis for the verdict cache and stored results; empty disables the cache",
+    )
+    cache_prefix: str = Field("modq", description="key prefix of every key modq writes")
+    cache_ttl_s: int = Field(30 * 24 * 3600, ge=1, description="verdict cache entry lifetime")
+    result_ttl_s: int = Field(
+        7 * 24 * 3600,
+        ge=1,
+        description="how long a published result is kept so a re-delivery re-publishes it",
+    )
+    perceptual_radius: int = Field(6, ge=0, le=16, description="max Hamming distance (64-bit)")
+    perceptual_reuse_safe: bool = Field(
+        False, description="reuse safe verdicts on perceptual matches (pHash and dHash agree)"
+    )
+    queue: str = "modq"
+    dead_letter_queue: str = "modq.dead"
+    concurrency: int = Field(0, ge=0, description="task threads; 0 = 2 x max_batch_size")
+    prefetch_multiplier: int = Field(1, ge=1)
+    task_time_limit_s: int = Field(300, ge=1, description="hard limit of one task")
+    visibility_timeout_s: int = Field(3600, ge=1, description="Redis broker visibility timeout")
+    max_retries: int = Field(8, ge=0)
+    retry_backoff_max_s: int = Field(120, ge=1)
+    metrics_port: int = Field(9808, ge=0, le=65535, description="Prometheus port; 0 = off")
+
+    # -- storage ----------------------------------------------------------------------------
+    allowed_roots: CommaList = Field(
+        default_factory=list, description="directories file:// references may read"
+    )
+    allowed_buckets: CommaList = Field(
+        default_factory=list, description="buckets s3:// references may read"
+    )
+    s3_endpoint_url: str | None = Field(None, description="MinIO or another S3-compatible store")
+    http_timeout_s: float = Field(10.0, gt=0)
+    http_allowed_networks: CommaList = Field(
+        default_factory=list,
+        description="CIDRs http(s):// may reach despite being private (an internal CDN)",
+    )
+    quarantine_uri: str | None = Field(
+        None, description="s3://bucket/prefix/ or file:///dir; unset = no quarantine"
+    )
+    quarantine_action: QuarantineAction = "move"
+
+    # -- callbacks --------------------------------------------------------------------------
+    callback_redis_url: str | None = Field(
+        None, description="Redis for redis-stream:// callbacks; default: the broker"
+    )
+    webhook_secret: SecretStr | None = Field(None, description="HMAC-SHA256 key for webhooks")
+    webhook_retries: int = Field(5, ge=0)
+    webhook_timeout_s: float = Field(10.0, gt=0)
+
+    @field_validator("allowed_roots", "allowed_buckets", "http_allowed_networks", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("cache_url", "quarantine_uri", "s3_endpoint_url", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @property
+    def task_threads(self) -> int:
+        return self.concurrency or 2 * self.max_batch_size
 
     @property
     def verdict_db(self) -> Path:
