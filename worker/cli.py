@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from worker.cli_queue import register as register_queue_commands
 from worker.config import Settings
 from worker.errors import ModqError
 from worker.log import configure_logging
@@ -27,6 +28,7 @@ models_app = typer.Typer(help="List, inspect and export models.", no_args_is_hel
 app.add_typer(models_app, name="models")
 schemas_app = typer.Typer(help="The wire contract as JSON Schema.", no_args_is_help=True)
 app.add_typer(schemas_app, name="schemas")
+register_queue_commands(app)
 console = Console(stderr=True)
 
 

@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     quarantine_action: QuarantineAction = "move"
 
     # -- callbacks --------------------------------------------------------------------------
+    default_callback: str | None = Field(
+        None, description="where results go when a request names no callback"
+    )
     callback_redis_url: str | None = Field(
         None, description="Redis for redis-stream:// callbacks; default: the broker"
     )
@@ -102,7 +105,9 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("cache_url", "quarantine_uri", "s3_endpoint_url", mode="before")
+    @field_validator(
+        "cache_url", "quarantine_uri", "s3_endpoint_url", "default_callback", mode="before"
+    )
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value

@@ -17,6 +17,8 @@ once released) and whether a retry can help::
     │   │   ├── InvalidReference       invalid_reference
     │   │   └── ObjectNotFound         not_found
     │   ├── SourceChanged              source_changed       (bytes changed under us)
+    │   ├── InvalidRequest             invalid_request      (a message that is no request)
+    │   ├── InvalidCallback            invalid_callback     (bad URI or the receiver refused)
     │   ├── ModelError                 a model cannot be loaded or run as asked
     │   │   ├── ModelNotFound          model_not_found
     │   │   ├── UnsafeWeights          unsafe_weights       (pickle files only)
@@ -26,6 +28,7 @@ once released) and whether a retry can help::
         ├── StorageUnavailable         storage_unavailable
         ├── CacheUnavailable           cache_unavailable
         ├── DeadlineExceeded           deadline_exceeded
+        ├── CallbackFailed             callback_failed      (receiver or broker unreachable)
         └── InferenceFailed            inference_failed
 """
 
@@ -35,6 +38,7 @@ from typing import ClassVar
 
 __all__ = [
     "CacheUnavailable",
+    "CallbackFailed",
     "ConfigError",
     "CorruptImage",
     "DeadlineExceeded",
@@ -43,7 +47,9 @@ __all__ = [
     "ImageError",
     "ImageTooLarge",
     "InferenceFailed",
+    "InvalidCallback",
     "InvalidReference",
+    "InvalidRequest",
     "ModelConfigError",
     "ModelError",
     "ModelNotFound",
@@ -123,6 +129,14 @@ class SourceChanged(PermanentError):
     code = "source_changed"
 
 
+class InvalidRequest(PermanentError):
+    code = "invalid_request"
+
+
+class InvalidCallback(PermanentError):
+    code = "invalid_callback"
+
+
 class ModelError(PermanentError):
     code = "model"
 
@@ -153,6 +167,10 @@ class CacheUnavailable(RetryableError):
 
 class DeadlineExceeded(RetryableError):
     code = "deadline_exceeded"
+
+
+class CallbackFailed(RetryableError):
+    code = "callback_failed"
 
 
 class InferenceFailed(RetryableError):

@@ -7,10 +7,13 @@ from prometheus_client import Counter, Gauge, Histogram
 __all__ = [
     "BATCH_SIZE",
     "CACHE_OUTCOMES",
+    "DEAD_LETTERS",
     "ERRORS",
     "FORWARD_SECONDS",
     "IN_FLIGHT",
+    "PUBLISHED",
     "QUEUE_WAIT_SECONDS",
+    "RETRIES",
     "VERDICTS",
 ]
 
@@ -25,3 +28,10 @@ CACHE_OUTCOMES = Counter("modq_cache_total", "Verdict cache lookups by outcome",
 VERDICTS = Counter("modq_verdicts_total", "Verdicts published", ["verdict"])
 ERRORS = Counter("modq_errors_total", "Error results by stable code", ["code"])
 IN_FLIGHT = Gauge("modq_in_flight", "Images being processed now")
+RETRIES = Counter("modq_retries_total", "Task retries by the error that caused them", ["code"])
+DEAD_LETTERS = Counter(
+    "modq_dead_letters_total", "Requests sent to the dead-letter queue", ["reason"]
+)
+PUBLISHED = Counter(
+    "modq_results_published_total", "Results published to callbacks", ["scheme", "status"]
+)

@@ -18,12 +18,13 @@ import uuid
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
 from worker import metrics
 from worker.batching import DynamicBatcher
-from worker.cache import CachedEntry, VerdictCache
+from worker.cache import CachedEntry, NearMatch, VerdictCache, choose_near_match
 from worker.decode import DecodeLimits, decode
 from worker.errors import CacheUnavailable, ModqError
 from worker.hashing import ImageHashes, hash_image, sha256_hex
@@ -46,9 +47,15 @@ from worker.policy import Policy
 from worker.quarantine import Quarantine
 from worker.storage import ObjectStore
 
-__all__ = ["Pipeline", "PipelineOptions"]
+__all__ = ["PerceptualOptions", "Pipeline", "PipelineOptions"]
 
 log = get_logger(__name__)
+
+_ACTION_KINDS: dict[str, Literal["quarantine_move", "quarantine_copy", "tag"]] = {
+    "move": "quarantine_move",
+    "copy": "quarantine_copy",
+    "tag": "tag",
+}
 
 
 @dataclass(frozen=True)
@@ -61,9 +68,38 @@ class PipelineOptions:
 
 
 @dataclass(frozen=True)
+class PerceptualOptions:
+    """The perceptual cache tier: ``radius`` in bits of a 64-bit pHash; ``reuse_safe`` lets a
+    near-duplicate inherit a safe verdict too (then pHash and dHash must both agree)."""
+
+    enabled: bool = True
+    radius: int = 6
+    reuse_safe: bool = False
+
+
+@dataclass(frozen=True)
+class _Job:
+    array: np.ndarray
+    embed: bool
+
+
+@dataclass(frozen=True)
 class _Inferred:
     output: ModelOutput
     forward_seconds: float
+
+
+@dataclass(frozen=True)
+class _Lookup:
+    """Scores for one image and where they came from (the model, or a cache tier)."""
+
+    scores: Scores
+    outcome: CacheOutcome
+    hashes: HashInfo
+    frames: int
+    distance: int | None = None
+    embedding: np.ndarray | None = None
+    infer_ms: float = 0.0
 
 
 @dataclass
@@ -100,6 +136,7 @@ class Pipeline:
         cache: VerdictCache | None = None,
         quarantine: Quarantine | None = None,
         options: PipelineOptions | None = None,
+        perceptual: PerceptualOptions | None = None,
     ) -> None:
         self.backend = backend
         self.store = store
@@ -107,6 +144,7 @@ class Pipeline:
         self.cache = cache
         self.quarantine = quarantine
         self.options = options or PipelineOptions()
+        self.perceptual = perceptual or PerceptualOptions()
         card = backend.card
         draft = "exact" if self.options.exact_decode else f"draft{draft_size(card)}"
         self.namespace = f"{card.cache_namespace}/{draft}"
@@ -114,7 +152,7 @@ class Pipeline:
         self._model = ModelInfo(
             id=card.id, revision=card.revision, runtime=card.runtime, precision=backend.precision
         )
-        self.batcher: DynamicBatcher[np.ndarray, _Inferred] = DynamicBatcher(
+        self.batcher: DynamicBatcher[_Job, _Inferred] = DynamicBatcher(
             self._infer, self.options.max_batch_size, self.options.max_wait_ms
         )
 
@@ -127,18 +165,35 @@ class Pipeline:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _infer(self, arrays: list[np.ndarray]) -> list[_Inferred]:
+    def _infer(self, jobs: list[_Job]) -> list[_Inferred]:
         started = time.perf_counter()
-        output = self.backend.forward(np.stack(arrays), embed=self.options.embed)
+        # The embedding is the pre-logits row of the same pass: asking for it costs little.
+        embed = any(job.embed for job in jobs)
+        output = self.backend.forward(np.stack([job.array for job in jobs]), embed=embed)
         seconds = time.perf_counter() - started
-        return [_Inferred(self.backend.postprocess(output, i), seconds) for i in range(len(arrays))]
+        return [_Inferred(self.backend.postprocess(output, i), seconds) for i in range(len(jobs))]
 
-    def process(self, ref: str, request_id: str | None = None) -> ModerationResult:
+    def process(
+        self,
+        ref: str,
+        request_id: str | None = None,
+        *,
+        policy: Policy | None = None,
+        embed: bool | None = None,
+    ) -> ModerationResult:
+        """Moderate one image. ``policy`` and ``embed`` override the pipeline's own for this
+        request. Failures come back as error results carrying their stable code."""
         request_id = request_id or uuid.uuid4().hex
         clock = _Clock()
         metrics.IN_FLIGHT.inc()
         try:
-            return self._process(ref, request_id, clock)
+            return self._process(
+                ref,
+                request_id,
+                clock,
+                policy or self.policy,
+                self.options.embed if embed is None else embed,
+            )
         except ModqError as exc:
             return self._error(ref, request_id, clock, exc.code, str(exc), exc.retryable)
         except Exception as exc:  # a bug must not stop a scan: report it on the image
@@ -161,28 +216,16 @@ class Pipeline:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 yield from (f.result() for f in done)
 
-    def _process(self, ref: str, request_id: str, clock: _Clock) -> ModerationResult:
+    def _process(
+        self, ref: str, request_id: str, clock: _Clock, policy: Policy, embed: bool
+    ) -> ModerationResult:
         data = self.store.read(ref, self.options.limits.max_bytes)
         sha256 = sha256_hex(data)
         clock.mark("fetch")
-        entry = None if self.options.embed else self._cache_get(sha256)
-        embedding: np.ndarray | None = None
-        infer_ms = 0.0
-        if entry is not None:
-            outcome = CacheOutcome.EXACT
-            scores = self._scores(entry.probabilities)
-            hashes = HashInfo(sha256=sha256, phash=entry.phash, dhash=entry.dhash)
-            frames = entry.frames
-        else:
-            outcome = CacheOutcome.MISS if self.cache is not None else CacheOutcome.DISABLED
-            scores, embedding, infer_ms, image_hashes, frames = self._classify(data, sha256, clock)
-            hashes = HashInfo(sha256=sha256, phash=image_hashes.phash, dhash=image_hashes.dhash)
-            self._cache_put(
-                sha256,
-                CachedEntry(scores.probabilities, frames, image_hashes.phash, image_hashes.dhash),
-            )
-        metrics.CACHE_OUTCOMES.labels(outcome.value).inc()
-        verdict = self.policy.decide(scores.nsfw_score)
+        found = self._lookup(data, sha256, clock, policy, embed)
+        metrics.CACHE_OUTCOMES.labels(found.outcome.value).inc()
+        scores = found.scores
+        verdict = policy.decide(scores.nsfw_score)
         action = self._act(ref, request_id, sha256, verdict, scores)
         metrics.VERDICTS.labels(verdict.value).inc()
         return ModerationResult(
@@ -194,29 +237,81 @@ class Pipeline:
             scores=scores.probabilities,
             level=scores.level,
             level_scores=scores.level_scores,
-            frames=frames,
+            frames=found.frames,
             model=self._model,
-            cache=CacheInfo(outcome=outcome),
-            hashes=hashes,
+            cache=CacheInfo(outcome=found.outcome, distance=found.distance),
+            hashes=found.hashes,
             action=action,
-            timings=clock.timings(infer_ms),
-            embedding=None if embedding is None else [float(v) for v in embedding],
+            timings=clock.timings(found.infer_ms),
+            embedding=None if found.embedding is None else [float(v) for v in found.embedding],
         )
 
-    def _classify(
-        self, data: bytes, sha256: str, clock: _Clock
-    ) -> tuple[Scores, np.ndarray | None, float, ImageHashes, int]:
+    def _lookup(
+        self, data: bytes, sha256: str, clock: _Clock, policy: Policy, embed: bool
+    ) -> _Lookup:
+        """Exact cache tier, then decode and hash, then the perceptual tier, then the model.
+        A request for the embedding always runs the model (the cache keeps no embeddings)."""
+        entry = None if embed else self._cache_get(sha256)
+        if entry is not None:
+            hashes = HashInfo(sha256=sha256, phash=entry.phash, dhash=entry.dhash)
+            return _Lookup(
+                self._scores(entry.probabilities), CacheOutcome.EXACT, hashes, entry.frames
+            )
         decoded = decode(data, self.options.limits, self._draft_size)
         image_hashes = hash_image(data, decoded.frames[0], sha256)
+        hashes = HashInfo(sha256=sha256, phash=image_hashes.phash, dhash=image_hashes.dhash)
+        near = None if embed else self._near(image_hashes, policy)
+        if near is not None:
+            clock.mark("decode")
+            scores = self._scores(near.entry.probabilities)
+            return _Lookup(
+                scores, CacheOutcome.PERCEPTUAL, hashes, near.entry.frames, near.phash_distance
+            )
         arrays = [self.backend.preprocess(frame) for frame in decoded.frames]
         clock.mark("decode")
-        futures = [self.batcher.submit(array) for array in arrays]
+        futures = [self.batcher.submit(_Job(array, embed)) for array in arrays]
         inferred = [future.result() for future in futures]
         clock.mark("wait")
         # Animated images: the worst sampled frame decides.
         worst = max(inferred, key=lambda item: item.output.scores.nsfw_score)
-        infer_ms = max(item.forward_seconds for item in inferred) * 1000
-        return worst.output.scores, worst.output.embedding, infer_ms, image_hashes, len(arrays)
+        scores = worst.output.scores
+        self._cache_put(
+            sha256,
+            CachedEntry(
+                scores.probabilities,
+                len(arrays),
+                image_hashes.phash,
+                image_hashes.dhash,
+                image_hashes.informative,
+            ),
+        )
+        return _Lookup(
+            scores,
+            CacheOutcome.MISS if self.cache is not None else CacheOutcome.DISABLED,
+            hashes,
+            len(arrays),
+            embedding=worst.output.embedding,
+            infer_ms=max(item.forward_seconds for item in inferred) * 1000,
+        )
+
+    def _near(self, hashes: ImageHashes, policy: Policy) -> NearMatch | None:
+        """The perceptual tier. Trust is asymmetric: a near-duplicate may inherit an unsafe
+        verdict; a safe one only when the operator opted in and both hashes agree. Flat or
+        tiny images look alike to any perceptual hash and are never matched."""
+        if self.cache is None or not hashes.informative or not self.perceptual.enabled:
+            return None
+        radius = self.perceptual.radius
+        try:
+            matches = self.cache.near(self.namespace, hashes.phash, hashes.dhash, radius)
+        except CacheUnavailable as exc:
+            log.warning("cache unavailable; classifying", error=str(exc))
+            return None
+
+        def is_unsafe(entry: CachedEntry) -> bool:
+            scores = self._scores(entry.probabilities)
+            return policy.decide(scores.nsfw_score) is not Verdict.ALLOW
+
+        return choose_near_match(matches, is_unsafe, self.perceptual.reuse_safe, radius)
 
     def _scores(self, probabilities: dict[str, float]) -> Scores:
         row = np.array(
@@ -246,6 +341,10 @@ class Pipeline:
     ) -> ActionInfo:
         if verdict is not Verdict.BLOCK or self.quarantine is None:
             return ActionInfo(kind="none")
+        if not self.quarantine.handles(ref):
+            # Read-only sources (http(s)://): the caller owns the image; the verdict says it.
+            return ActionInfo(kind="none")
+        kind = _ACTION_KINDS[self.quarantine.action]
         record = {
             "request_id": request_id,
             "verdict": verdict.value,
@@ -253,9 +352,7 @@ class Pipeline:
             "scores": scores.probabilities,
             "model": self._model.model_dump(),
         }
-        return ActionInfo(
-            kind="quarantine_move", location=self.quarantine.move(ref, sha256, record)
-        )
+        return ActionInfo(kind=kind, location=self.quarantine.apply(ref, sha256, record))
 
     def _error(
         self, ref: str, request_id: str, clock: _Clock, code: str, message: str, retryable: bool

@@ -1,4 +1,5 @@
-"""LocalStore confinement and limits; LocalQuarantine moves that never lose a file."""
+"""LocalStore confinement and limits; LocalQuarantine moves that never lose a file; building
+the configured quarantine."""
 
 from __future__ import annotations
 
@@ -9,15 +10,17 @@ from pathlib import Path
 
 import pytest
 
+from worker.config import Settings
 from worker.errors import (
+    ConfigError,
     ForbiddenReference,
     ImageTooLarge,
     InvalidReference,
     ObjectNotFound,
     SourceChanged,
 )
-from worker.quarantine import LocalQuarantine
-from worker.storage import LocalStore, MemoryStore, file_ref, ref_to_path
+from worker.quarantine import LocalQuarantine, S3Quarantine, build_quarantine
+from worker.storage import LocalStore, MemoryStore, build_store, file_ref, ref_to_path
 
 SCORED = b"\xff\xd8\xff\xe0 the bytes that were scored " + bytes(range(256)) * 64
 OTHER = b"\x89PNG\r\n\x1a\n a different upload under the same name " + bytes(range(256)) * 16
@@ -165,7 +168,7 @@ def _leftovers(folder: Path) -> list[str]:
 
 def test_move(source: Path, quarantine: LocalQuarantine) -> None:
     ref = file_ref(source)
-    location = Path(quarantine.move(ref, _sha(SCORED), {"verdict": "block", "nsfw_score": 0.97}))
+    location = Path(quarantine.apply(ref, _sha(SCORED), {"verdict": "block", "nsfw_score": 0.97}))
     assert not source.exists()
     assert location.parent == quarantine.destination
     assert location.read_bytes() == SCORED
@@ -179,8 +182,8 @@ def test_move(source: Path, quarantine: LocalQuarantine) -> None:
 
 def test_move_twice_is_idempotent(source: Path, quarantine: LocalQuarantine) -> None:
     ref, sha = file_ref(source), _sha(SCORED)
-    first = quarantine.move(ref, sha, {"verdict": "block"})
-    second = quarantine.move(ref, sha, {"verdict": "block"})
+    first = quarantine.apply(ref, sha, {"verdict": "block"})
+    second = quarantine.apply(ref, sha, {"verdict": "block"})
     assert first == second
     assert Path(second).read_bytes() == SCORED
     assert not source.exists()
@@ -194,7 +197,7 @@ def test_crash_after_copy_is_finished_by_the_next_move(
     quarantine.destination.mkdir(parents=True)
     quarantine._place_copy(source, target, sha)  # the first step, then "crash"
     assert source.exists() and target.read_bytes() == SCORED
-    location = quarantine.move(file_ref(source), sha, {"verdict": "block"})
+    location = quarantine.apply(file_ref(source), sha, {"verdict": "block"})
     assert Path(location) == target
     assert not source.exists()
     assert target.read_bytes() == SCORED
@@ -210,7 +213,7 @@ def test_crash_after_record_is_finished_by_the_next_move(
     quarantine.destination.mkdir(parents=True)
     target.write_bytes(SCORED)
     target.with_name(target.name + ".json").write_text("{}")
-    quarantine.move(file_ref(source), sha, {"verdict": "block"})
+    quarantine.apply(file_ref(source), sha, {"verdict": "block"})
     assert not source.exists()
     assert target.read_bytes() == SCORED
     assert json.loads(target.with_name(target.name + ".json").read_text())["sha256"] == sha
@@ -224,7 +227,7 @@ def test_crash_before_copy_leftover_partial_is_recovered(
     quarantine.destination.mkdir(parents=True)
     partial = target.with_name(target.name + ".partial")
     partial.write_bytes(SCORED[: len(SCORED) // 3])  # a copy cut short by the crash
-    quarantine.move(file_ref(source), sha, {"verdict": "block"})
+    quarantine.apply(file_ref(source), sha, {"verdict": "block"})
     assert target.read_bytes() == SCORED
     assert not source.exists()
     assert _leftovers(quarantine.destination) == []
@@ -235,7 +238,7 @@ def test_stale_unverified_target_is_replaced(source: Path, quarantine: LocalQuar
     target = quarantine.target_for(source, sha)
     quarantine.destination.mkdir(parents=True)
     target.write_bytes(b"garbage left by something else")
-    quarantine.move(file_ref(source), sha, {"verdict": "block"})
+    quarantine.apply(file_ref(source), sha, {"verdict": "block"})
     assert target.read_bytes() == SCORED
     assert not source.exists()
 
@@ -246,7 +249,7 @@ def test_source_changed_since_scoring_is_left_in_place(
     scored_sha = _sha(SCORED)
     source.write_bytes(OTHER)  # replaced after it was scored
     with pytest.raises(SourceChanged) as info:
-        quarantine.move(file_ref(source), scored_sha, {"verdict": "block"})
+        quarantine.apply(file_ref(source), scored_sha, {"verdict": "block"})
     assert info.value.code == "source_changed"
     assert source.read_bytes() == OTHER
     target = quarantine.target_for(source, scored_sha)
@@ -266,7 +269,7 @@ def test_source_replaced_after_copy_is_not_deleted(
     replacement.write_bytes(OTHER)
     os.replace(replacement, source)  # … then a new upload takes the name
     with pytest.raises(SourceChanged):
-        quarantine.move(file_ref(source), sha, {"verdict": "block"})
+        quarantine.apply(file_ref(source), sha, {"verdict": "block"})
     assert source.read_bytes() == OTHER  # the new upload is not deleted
     assert target.read_bytes() == SCORED  # and the scored bytes are safe
 
@@ -283,7 +286,7 @@ def test_source_rewritten_in_place_after_copy_keeps_scored_bytes(
     with source.open("wb") as handle:  # … then the name is rewritten in place
         handle.write(OTHER)
     with pytest.raises(SourceChanged):
-        quarantine.move(file_ref(source), sha, {"verdict": "block"})
+        quarantine.apply(file_ref(source), sha, {"verdict": "block"})
     assert source.read_bytes() == OTHER
     assert target.read_bytes() == SCORED, "the scored bytes were lost from quarantine"
 
@@ -292,12 +295,12 @@ def test_gone_source_without_copy_is_not_found(source: Path, quarantine: LocalQu
     sha = _sha(SCORED)
     source.unlink()
     with pytest.raises(ObjectNotFound):
-        quarantine.move(file_ref(source), sha, {"verdict": "block"})
+        quarantine.apply(file_ref(source), sha, {"verdict": "block"})
 
 
 def test_source_outside_roots_is_forbidden(outside: Path, quarantine: LocalQuarantine) -> None:
     with pytest.raises(ForbiddenReference):
-        quarantine.move(file_ref(outside), _sha(b"secret bytes"), {"verdict": "block"})
+        quarantine.apply(file_ref(outside), _sha(b"secret bytes"), {"verdict": "block"})
     assert outside.exists()
 
 
@@ -310,7 +313,65 @@ def test_quarantine_copy_is_its_own_file(source: Path, quarantine: LocalQuaranti
     quarantine._place_copy(source, target, sha)
     assert os.stat(target).st_ino != os.stat(source).st_ino
     assert os.stat(source).st_nlink == 1
-    location = Path(quarantine.move(file_ref(source), sha, {"verdict": "block"}))
+    location = Path(quarantine.apply(file_ref(source), sha, {"verdict": "block"}))
     assert location.read_bytes() == SCORED
     assert not source.exists()
     assert _leftovers(quarantine.destination) == []
+
+
+def test_copy_action_leaves_the_source(root: Path, source: Path, tmp_path: Path) -> None:
+    quarantine = LocalQuarantine(tmp_path / "quarantine", LocalStore([root]), action="copy")
+    ref, sha = file_ref(source), _sha(SCORED)
+    location = Path(quarantine.apply(ref, sha, {"verdict": "block"}))
+    assert location.read_bytes() == SCORED
+    assert source.read_bytes() == SCORED
+    record = json.loads(location.with_name(location.name + ".json").read_text())
+    assert record["action"] == "copy"
+    assert quarantine.apply(ref, sha, {"verdict": "block"}) == str(location)
+    assert source.exists()
+
+
+def test_tag_action_is_refused_for_local_files(root: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="tag"):
+        LocalQuarantine(tmp_path / "quarantine", LocalStore([root]), action="tag")
+
+
+# --- build_quarantine --------------------------------------------------------------------------
+
+
+def test_build_quarantine_from_settings(root: Path, tmp_path: Path) -> None:
+    settings = Settings(allowed_roots=[str(root)], allowed_buckets=["images"])
+    store = build_store(settings)
+    assert build_quarantine(settings, store) is None
+
+    folder = tmp_path / "q"
+    local = build_quarantine(
+        settings.model_copy(update={"quarantine_uri": file_ref(folder)}), store
+    )
+    assert isinstance(local, LocalQuarantine)
+    assert local.destination == folder and local.action == "move"
+
+    s3 = build_quarantine(
+        settings.model_copy(
+            update={"quarantine_uri": "s3://vault/held", "quarantine_action": "tag"}
+        ),
+        store,
+    )
+    assert isinstance(s3, S3Quarantine)
+    assert (s3.bucket, s3.prefix, s3.action) == ("vault", "held/", "tag")
+
+
+@pytest.mark.parametrize(
+    ("uri", "action"),
+    [("ftp://host/dir", "move"), (file_ref(Path("/q")), "tag"), ("s3://vault/x?y=1", "copy")],
+)
+def test_build_quarantine_refuses_bad_settings(uri: str, action: str) -> None:
+    settings = Settings(quarantine_uri=uri, quarantine_action=action)
+    with pytest.raises(ConfigError):
+        build_quarantine(settings, build_store(settings))
+
+
+def test_s3_quarantine_needs_an_s3_store(tmp_path: Path) -> None:
+    settings = Settings(quarantine_uri="s3://vault/")
+    with pytest.raises(ConfigError, match="s3://"):
+        build_quarantine(settings, LocalStore([tmp_path]))

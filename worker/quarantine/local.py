@@ -1,63 +1,47 @@
-"""Idempotent quarantine moves that never lose a file.
-
-A move is copy → verify the copy's sha256 against the bytes that were scored →
-record → delete the source. A crash between any two steps leaves the image in at least one
-place, and running the move again finishes it.
-"""
+"""Quarantine for local files: into a directory, with a JSON record beside each copy."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
+from worker.config import QuarantineAction
 from worker.errors import ObjectNotFound, SourceChanged, StorageUnavailable
-from worker.storage.local import LocalStore
+from worker.quarantine.base import check_action, file_sha256, fsync_dir
+from worker.storage import LocalStore
 
-__all__ = ["LocalQuarantine", "Quarantine"]
-
-
-class Quarantine(Protocol):
-    def move(self, ref: str, sha256: str, record: dict[str, Any]) -> str:
-        """Move the image behind ``ref`` (whose bytes hash to ``sha256``); return where."""
-        ...
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+__all__ = ["LocalQuarantine", "delete_verified_file"]
 
 
 class LocalQuarantine:
-    def __init__(self, destination: Path, store: LocalStore) -> None:
+    def __init__(
+        self, destination: Path, store: LocalStore, action: QuarantineAction = "move"
+    ) -> None:
+        check_action(action, ("move", "copy"), "local files")
         self.destination = destination
         self.store = store
+        self.action = action
+
+    def handles(self, ref: str) -> bool:
+        return ref.startswith("file://")
 
     def target_for(self, source: Path, sha256: str) -> Path:
         return self.destination / f"{sha256[:16]}-{source.name}"
 
-    def move(self, ref: str, sha256: str, record: dict[str, Any]) -> str:
+    def apply(self, ref: str, sha256: str, record: dict[str, Any]) -> str:
         source = self.store.confine(ref)
         target = self.target_for(source, sha256)
         try:
             self.destination.mkdir(parents=True, exist_ok=True)
-            if not (target.exists() and _file_sha256(target) == sha256):
+            if not (target.exists() and file_sha256(target) == sha256):
                 self._place_copy(source, target, sha256)
-            self._write_record(target, {**record, "source": ref, "sha256": sha256})
-            self._delete_source(source, sha256)
+            self._write_record(
+                target, {**record, "source": ref, "sha256": sha256, "action": self.action}
+            )
+            if self.action == "move":
+                self._delete_source(source, sha256)
         except OSError as exc:
             raise StorageUnavailable(f"quarantine of {ref} failed: {exc}") from exc
         return str(target)
@@ -70,11 +54,11 @@ class LocalQuarantine:
         # A real copy, never a hard link: a writer that later rewrites the source in place
         # must not be able to change the quarantined bytes.
         self._copy_bytes(source, staging)
-        if _file_sha256(staging) != sha256:
+        if file_sha256(staging) != sha256:
             staging.unlink()
             raise SourceChanged(f"{source} changed since it was scored; left in place")
         os.replace(staging, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
 
     @staticmethod
     def _copy_bytes(source: Path, staging: Path) -> None:
@@ -93,10 +77,15 @@ class LocalQuarantine:
 
     @staticmethod
     def _delete_source(source: Path, sha256: str) -> None:
-        if not source.exists():
-            return
-        if _file_sha256(source) != sha256:
-            # A new upload took the name; the scored bytes are safe in quarantine.
-            raise SourceChanged(f"{source} now holds other bytes; not deleted")
-        source.unlink()
-        _fsync_dir(source.parent)
+        delete_verified_file(source, sha256)
+
+
+def delete_verified_file(source: Path, sha256: str) -> None:
+    """Delete ``source`` only while it still holds the scored bytes (gone already: done)."""
+    if not source.exists():
+        return
+    if file_sha256(source) != sha256:
+        # A new upload took the name; the scored bytes are safe in quarantine.
+        raise SourceChanged(f"{source} now holds other bytes; not deleted")
+    source.unlink()
+    fsync_dir(source.parent)

@@ -1,0 +1,95 @@
+"""A real `modq worker` process for the integration tier, which tests can stop and kill."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+__all__ = ["WorkerProcess", "free_port"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class WorkerProcess:
+    """``modq worker`` with ``env`` on top of a clean copy of this environment; ready once its
+    metrics endpoint answers and the worker said it is ready (the model is loaded)."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, args: tuple[str, ...] = ()) -> None:
+        self.metrics_port = free_port()
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("MODQ_")},
+            "MODQ_METRICS_PORT": str(self.metrics_port),
+            "PYTHONUNBUFFERED": "1",
+            **env,
+        }
+        self.log_path = log_path
+        self.args = args
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 120.0) -> WorkerProcess:
+        modq = Path(sys.executable).with_name("modq")
+        self._log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [str(modq), "worker", *self.args],
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self._wait_ready(timeout)
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.process.returncode}:\n{self.log()}")
+            if "ready." in self.log() and self._metrics_up():
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"worker not ready after {timeout} s:\n{self.log()}")
+
+    def _metrics_up(self) -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics").is_success
+        except httpx.HTTPError:
+            return False
+
+    def metrics(self) -> str:
+        return httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics").text
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM (Celery's warm shutdown) and wait; returns the exit code."""
+        return self._signal(signal.SIGTERM, timeout)
+
+    def kill(self) -> int:
+        return self._signal(signal.SIGKILL, 10.0)
+
+    def _signal(self, sig: signal.Signals, timeout: float) -> int:
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, sig)
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            code = self.process.wait(10)
+        self._log.close()
+        self.process = None
+        return code

@@ -1,0 +1,123 @@
+"""Publishers: how each ``ModerationResult`` reaches the callback its request named.
+
+One seam, ``Publisher.publish(uri, result)``, with a publisher per scheme: ``celery://`` (a
+task by name on a queue), ``redis-stream://`` (a stream on the operator's Redis) and
+``https://`` (a signed webhook). ``CallbackRouter`` picks by scheme; ``MemoryPublisher`` is
+the fake. Every publisher raises ``CallbackFailed`` (retryable: the task retries, then
+dead-letters) or ``InvalidCallback``, which no retry fixes. A scheme the operator has not
+configured (no webhook secret, a broker that is not Redis) is an ``InvalidCallback`` too, so
+the task dead-letters the result; its message names the setting, and the worker says so once
+at start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from urllib.parse import urlsplit
+
+from worker.callbacks.base import (
+    CallbackRouter,
+    LazyPublisher,
+    MemoryPublisher,
+    Publisher,
+    RefusingPublisher,
+    parse_target,
+)
+from worker.callbacks.celery_task import CeleryPublisher
+from worker.callbacks.redis_stream import DEFAULT_STREAM_MAXLEN, RedisStreamPublisher, StreamClient
+from worker.callbacks.webhook import WebhookPublisher, sign, verify_signature
+from worker.config import Settings
+from worker.errors import InvalidCallback
+from worker.log import get_logger
+from worker.storage.netguard import NetworkGuard
+
+__all__ = [
+    "DEFAULT_STREAM_MAXLEN",
+    "REDIS_TIMEOUT_S",
+    "CallbackRouter",
+    "CeleryPublisher",
+    "LazyPublisher",
+    "MemoryPublisher",
+    "Publisher",
+    "RedisStreamPublisher",
+    "RefusingPublisher",
+    "StreamClient",
+    "WebhookPublisher",
+    "build_publisher",
+    "parse_target",
+    "redis_stream_client",
+    "sign",
+    "verify_signature",
+]
+
+REDIS_TIMEOUT_S = 5.0
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+log = get_logger(__name__)
+
+
+def redis_stream_client(url: str) -> StreamClient:
+    """A ``redis.Redis`` for ``url``; it connects on first command, not here."""
+    import redis
+
+    try:
+        client: StreamClient = redis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_timeout=REDIS_TIMEOUT_S,
+            socket_connect_timeout=REDIS_TIMEOUT_S,
+            health_check_interval=30,
+        )
+    except ValueError as exc:
+        # The URL may hold a password: name the setting, not the value.
+        raise InvalidCallback(f"MODQ_CALLBACK_REDIS_URL is not a valid Redis URL: {exc}") from exc
+    return client
+
+
+def build_publisher(
+    settings: Settings,
+    send_task: Callable[..., object] | None = None,
+    redis_client_factory: Callable[[str], StreamClient] = redis_stream_client,
+) -> CallbackRouter:
+    """The router for a worker: ``send_task`` is the Celery app's (``None`` where there is
+    no broker, as in ``scan``); the stream client is made on the first stream callback."""
+    celery = None
+    if send_task is not None:
+        reserved = (settings.queue, settings.dead_letter_queue)
+        celery = CeleryPublisher(send_task, reserved_queues=reserved)
+    return CallbackRouter(
+        celery=celery,
+        redis_stream=_stream_publisher(settings, redis_client_factory),
+        webhook=_webhook_publisher(settings),
+    )
+
+
+def _webhook_publisher(settings: Settings) -> Publisher:
+    secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else ""
+    if not secret:
+        reason = (
+            "webhook callbacks are disabled: this worker has no signing secret "
+            "(the operator sets MODQ_WEBHOOK_SECRET)"
+        )
+        log.info(reason)
+        return RefusingPublisher(reason)
+    return WebhookPublisher(
+        NetworkGuard(settings.http_allowed_networks),
+        secret,
+        retries=settings.webhook_retries,
+        timeout_s=settings.webhook_timeout_s,
+    )
+
+
+def _stream_publisher(settings: Settings, factory: Callable[[str], StreamClient]) -> Publisher:
+    url = settings.callback_redis_url or settings.broker_url
+    scheme = urlsplit(url).scheme
+    if scheme not in _REDIS_SCHEMES:
+        # Only the scheme is named: the URL may carry a password.
+        reason = (
+            f"redis-stream:// callbacks are disabled: the broker ({scheme}://) is not Redis "
+            "(the operator sets MODQ_CALLBACK_REDIS_URL)"
+        )
+        log.info(reason)
+        return RefusingPublisher(reason)
+    return LazyPublisher(lambda: RedisStreamPublisher(factory(url)))

@@ -1,0 +1,84 @@
+"""The Celery application, configured from ``Settings``; light enough for producers.
+
+Delivery is at-least-once: a message is acked only when its task returns, after the result
+was published (``task_acks_late``); a worker that dies mid-task has its messages re-delivered
+(``task_reject_on_worker_lost``). Messages are JSON only: a pickled message is refused before
+anything reads it. With a Redis broker, an unacked message comes back after the visibility
+timeout, so the worker refuses to start when a task, or a retry's countdown, could outlast it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from worker.config import Settings
+from worker.errors import ConfigError
+
+__all__ = [
+    "DEAD_LETTER_TASK",
+    "MODERATE_TASK",
+    "celery_config",
+    "check_visibility_timeout",
+    "create_app",
+]
+
+MODERATE_TASK = "modq.moderate"
+DEAD_LETTER_TASK = "modq.dead_letter"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    return {
+        "broker_url": settings.broker_url,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        "result_backend": None,  # results go to each request's callback, not to Celery
+        "task_ignore_result": True,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "task_time_limit": settings.task_time_limit_s,
+        "task_default_queue": settings.queue,
+        "task_routes": {
+            MODERATE_TASK: {"queue": settings.queue},
+            DEAD_LETTER_TASK: {"queue": settings.dead_letter_queue},
+        },
+        "worker_prefetch_multiplier": settings.prefetch_multiplier,
+        # With late acks, a lost broker connection must not leave tasks running whose
+        # messages the broker will hand to someone else.
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "worker_send_task_events": True,  # Flower
+        "task_send_sent_event": True,
+        "worker_hijack_root_logger": False,
+    }
+
+
+def check_visibility_timeout(settings: Settings) -> None:
+    """A message must not come back to another worker while its task, or the countdown of
+    its next retry, is still running: that would run it twice."""
+    longest = settings.task_time_limit_s + settings.retry_backoff_max_s
+    if settings.broker_url.startswith(("redis", "rediss")) and (
+        settings.visibility_timeout_s <= longest
+    ):
+        raise ConfigError(
+            f"MODQ_VISIBILITY_TIMEOUT_S={settings.visibility_timeout_s} must exceed the longest "
+            f"task plus retry wait ({settings.task_time_limit_s} + "
+            f"{settings.retry_backoff_max_s} = {longest} s)"
+        )
+
+
+def create_app(settings: Settings | None = None, *, worker: bool = False) -> Celery:
+    """A Celery app for ``settings``. ``worker=True`` also registers the tasks."""
+    settings = settings or Settings()
+    app = Celery("modq", include=["worker.tasks"] if worker else [])
+    app.conf.update(celery_config(settings))
+    app.conf.modq_settings = settings
+    return app
+
+
+# `celery -A worker.celery_app worker` and `celery -A worker.celery_app flower` find this.
+app = create_app(worker=True)

@@ -1,0 +1,110 @@
+"""The producer API: enqueue moderation requests for the workers.
+
+    from worker.client import submit
+    request_id = submit("s3://uploads/cat.jpg", callback="redis-stream://moderation-results")
+
+Importing this module imports neither torch, timm, transformers nor boto3: producers install
+modq to enqueue, not to infer. Requests are validated here, before they reach the broker, by
+the same pydantic model the worker uses.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from celery import Celery
+
+from worker.celery_app import MODERATE_TASK, create_app
+from worker.config import Settings
+from worker.messages import ModerationRequest
+
+__all__ = ["Client", "new_request_id", "submit"]
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Client:
+    """A producer bound to one broker; reuse it (it keeps a connection pool)."""
+
+    def __init__(self, settings: Settings | None = None, *, broker_url: str | None = None):
+        settings = settings or Settings()
+        if broker_url is not None:
+            settings = settings.model_copy(update={"broker_url": broker_url})
+        self.settings = settings
+        self.app: Celery = create_app(settings)
+
+    def request(
+        self,
+        image: str,
+        *,
+        callback: str | None = None,
+        policy: str | None = None,
+        request_id: str | None = None,
+        embed: bool = False,
+        metadata: dict[str, str] | None = None,
+    ) -> ModerationRequest:
+        return ModerationRequest(
+            request_id=request_id or new_request_id(),
+            image=image,
+            callback=callback,
+            policy=policy,
+            embed=embed,
+            metadata=metadata or {},
+        )
+
+    def send(self, request: ModerationRequest, **options: Any) -> str:
+        """Enqueue one validated request; returns its ``request_id``."""
+        self.app.send_task(
+            MODERATE_TASK,
+            args=[request.model_dump(mode="json", exclude_defaults=True)],
+            queue=self.settings.queue,
+            task_id=request.request_id,
+            **options,
+        )
+        return request.request_id
+
+    def send_many(self, requests: Iterable[ModerationRequest]) -> Iterator[ModerationRequest]:
+        """Enqueue a stream of requests over one connection, one at a time (bounded memory);
+        yields each request once it is on the broker."""
+        with self.app.producer_or_acquire() as producer:
+            for request in requests:
+                self.send(request, producer=producer)
+                yield request
+
+    def submit(self, image: str, **fields: Any) -> str:
+        return self.send(self.request(image, **fields))
+
+    def close(self) -> None:
+        self.app.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def submit(
+    image: str,
+    *,
+    callback: str | None = None,
+    policy: str | None = None,
+    request_id: str | None = None,
+    embed: bool = False,
+    metadata: dict[str, str] | None = None,
+    broker_url: str | None = None,
+) -> str:
+    """Enqueue one image for moderation; returns the request id (the idempotency key)."""
+    with Client(broker_url=broker_url) as client:
+        return client.submit(
+            image,
+            callback=callback,
+            policy=policy,
+            request_id=request_id,
+            embed=embed,
+            metadata=metadata,
+        )

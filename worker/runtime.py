@@ -1,0 +1,114 @@
+"""Everything one worker process holds, built once from ``Settings``: the model on its device,
+the pipeline and its batcher, the stores, the Redis cache and result store, the publishers.
+
+Knows nothing of Celery beyond the ``send_task`` callable that ``celery://`` callbacks and the
+dead-letter queue use.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from worker.cache.results import ResultStore
+from worker.config import Settings
+from worker.decode import DecodeLimits
+from worker.log import get_logger
+from worker.pipeline import PerceptualOptions, Pipeline, PipelineOptions
+from worker.policy import POLICY_NAMES, Policy, load_policy
+from worker.service import ModerationService
+
+__all__ = ["Runtime", "build_runtime", "close_runtime", "get_runtime"]
+
+log = get_logger(__name__)
+
+SendTask = Callable[..., Any]
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    pipeline: Pipeline
+    service: ModerationService
+
+    def close(self) -> None:
+        self.pipeline.close()
+
+
+def _policies(settings: Settings, pipeline_policy: Policy, card: Any) -> dict[str, Policy]:
+    policies = {name: load_policy(name, card) for name in POLICY_NAMES}
+    policies[pipeline_policy.name] = pipeline_policy
+    return policies
+
+
+def build_runtime(settings: Settings, send_task: SendTask) -> Runtime:
+    from worker.cache.redis import RedisCache
+    from worker.cache.results import RedisResultStore
+    from worker.callbacks import build_publisher
+    from worker.models.precision import load_model
+    from worker.quarantine import build_quarantine
+    from worker.storage.router import build_store
+
+    backend = load_model(
+        settings.model, settings.device, settings.precision, settings.threads, settings.onnx_dir
+    )
+    store = build_store(settings)
+    cache: RedisCache | None = None
+    results: ResultStore | None = None
+    if settings.cache_url:
+        cache = RedisCache(settings.cache_url, settings.cache_prefix, settings.cache_ttl_s)
+        results = RedisResultStore(settings.cache_url, settings.cache_prefix, settings.result_ttl_s)
+    policy = load_policy(settings.policy, backend.card)
+    pipeline = Pipeline(
+        backend,
+        store,
+        policy,
+        cache,
+        build_quarantine(settings, store),
+        PipelineOptions(
+            limits=DecodeLimits(
+                settings.max_image_bytes,
+                settings.max_image_pixels,
+                settings.max_frames,
+                settings.sample_frames,
+            ),
+            exact_decode=settings.exact_decode,
+            max_batch_size=settings.max_batch_size,
+            max_wait_ms=settings.max_wait_ms,
+        ),
+        PerceptualOptions(
+            radius=settings.perceptual_radius, reuse_safe=settings.perceptual_reuse_safe
+        ),
+    )
+    service = ModerationService(
+        pipeline,
+        build_publisher(settings, send_task),
+        results,
+        _policies(settings, policy, backend.card),
+        settings.default_callback,
+    )
+    log.info("worker ready", model=backend.describe(), batch=settings.max_batch_size)
+    return Runtime(settings, pipeline, service)
+
+
+_lock = threading.Lock()
+_runtime: Runtime | None = None
+
+
+def get_runtime(settings: Settings, send_task: SendTask) -> Runtime:
+    """This process's runtime, built on first use: the model loads once per process."""
+    global _runtime
+    with _lock:
+        if _runtime is None:
+            _runtime = build_runtime(settings, send_task)
+        return _runtime
+
+
+def close_runtime() -> None:
+    global _runtime
+    with _lock:
+        if _runtime is not None:
+            _runtime.close()
+            _runtime = None

@@ -1,0 +1,169 @@
+"""One moderation request, start to finish, with the delivery rules of queue mode.
+
+    request ─▶ stored result? ──yes──────────────────────────────┐ (a re-delivery)
+                  │ no                                            ▼
+                  └─▶ pipeline ─▶ retry? ─▶ store once ─▶ publish to the callback ─▶ done
+                                                                  │ error result or
+                                                                  ▼ undeliverable
+                                                             dead letter
+
+The result is stored (first writer wins) before it is published, so a re-delivered request
+re-publishes the same result and repeats no side effect; quarantine actions are idempotent on
+their own. Knows nothing of Celery: the task maps ``RetryableError`` to a retry and returns
+(acks) only after ``handle`` has published.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from worker import metrics
+from worker.cache.results import ResultStore
+from worker.callbacks import Publisher
+from worker.errors import (
+    CacheUnavailable,
+    InvalidCallback,
+    InvalidRequest,
+    PermanentError,
+    RetryableError,
+)
+from worker.log import get_logger
+from worker.messages import ErrorInfo, ModerationRequest, ModerationResult, Status
+from worker.pipeline import Pipeline
+from worker.policy import Policy
+
+__all__ = ["Handled", "ModerationService", "TransientFailure"]
+
+log = get_logger(__name__)
+
+
+class TransientFailure(RetryableError):
+    """A retryable failure the pipeline reported on its result; ``error`` says which."""
+
+    code = "transient"
+
+    def __init__(self, error: ErrorInfo) -> None:
+        super().__init__(f"{error.code}: {error.message}")
+        self.error = error
+
+
+@dataclass(frozen=True)
+class Handled:
+    result: ModerationResult
+    #: the request and result belong in the dead-letter queue (why, as a stable code)
+    dead_letter: str | None = None
+    #: a re-delivery: the stored result was published again, nothing was re-run
+    republished: bool = False
+
+
+class ModerationService:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        publisher: Publisher,
+        results: ResultStore | None,
+        policies: dict[str, Policy],
+        default_callback: str | None = None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.publisher = publisher
+        self.results = results
+        self.policies = policies
+        self.default_callback = default_callback
+
+    def handle(self, request: ModerationRequest, *, may_retry: bool) -> Handled:
+        """Moderate ``request`` and publish its one result. Raises ``RetryableError`` when a
+        retry may still help and ``may_retry``; otherwise every outcome is published."""
+        stored = self._stored(request.request_id)
+        if stored is not None:
+            log.info("re-delivery: publishing the stored result", request_id=request.request_id)
+            return self._publish(request, stored, may_retry, republished=True)
+        result = self._moderate(request)
+        if result.error is not None and result.error.retryable and may_retry:
+            raise TransientFailure(result.error)
+        return self._publish(request, self._store(result), may_retry, republished=False)
+
+    def fail(self, request: ModerationRequest, exc: PermanentError) -> Handled:
+        """Publish an error result for a request that cannot be moderated at all."""
+        result = error_result(request.request_id, request.image, exc.code, str(exc))
+        result = result.model_copy(update={"metadata": request.metadata})
+        return self._publish(request, self._store(result), False, republished=False)
+
+    def _moderate(self, request: ModerationRequest) -> ModerationResult:
+        try:
+            policy = self._policy(request.policy)
+        except InvalidRequest as exc:
+            result = error_result(request.request_id, request.image, exc.code, str(exc))
+        else:
+            result = self.pipeline.process(
+                request.image, request.request_id, policy=policy, embed=request.embed
+            )
+        return result.model_copy(update={"metadata": request.metadata})
+
+    def _policy(self, name: str | None) -> Policy | None:
+        if name is None:
+            return None
+        try:
+            return self.policies[name]
+        except KeyError:
+            # Requests may only name policies the operator configured: never a file path.
+            raise InvalidRequest(
+                f"unknown policy {name!r}; this worker has {', '.join(sorted(self.policies))}"
+            ) from None
+
+    def _stored(self, request_id: str) -> ModerationResult | None:
+        if self.results is None:
+            return None
+        try:
+            text = self.results.get(request_id)
+        except CacheUnavailable as exc:
+            log.warning("result store unavailable", request_id=request_id, error=str(exc))
+            return None
+        return None if text is None else ModerationResult.model_validate_json(text)
+
+    def _store(self, result: ModerationResult) -> ModerationResult:
+        """Keep the result so a re-delivery re-publishes it; when a racing delivery stored one
+        first, that one is the result."""
+        if self.results is None:
+            return result
+        try:
+            text = self.results.put_if_absent(result.request_id, result.model_dump_json())
+        except CacheUnavailable as exc:
+            log.warning("result store unavailable", request_id=result.request_id, error=str(exc))
+            return result
+        return ModerationResult.model_validate_json(text)
+
+    def _publish(
+        self,
+        request: ModerationRequest,
+        result: ModerationResult,
+        may_retry: bool,
+        *,
+        republished: bool,
+    ) -> Handled:
+        dead_letter = result.error.code if result.status is Status.ERROR and result.error else None
+        callback = request.callback or self.default_callback
+        if callback is None:
+            return Handled(result, dead_letter, republished)
+        try:
+            self.publisher.publish(callback, result)
+        except InvalidCallback as exc:
+            log.warning("callback refused", request_id=request.request_id, error=str(exc))
+            return Handled(result, exc.code, republished)
+        except RetryableError as exc:
+            if may_retry:
+                raise
+            log.error("callback failed for good", request_id=request.request_id, error=str(exc))
+            return Handled(result, exc.code, republished)
+        metrics.PUBLISHED.labels(urlsplit(callback).scheme, result.status.value).inc()
+        return Handled(result, dead_letter, republished)
+
+
+def error_result(request_id: str, image: str, code: str, message: str) -> ModerationResult:
+    return ModerationResult(
+        request_id=request_id,
+        image=image,
+        status=Status.ERROR,
+        error=ErrorInfo(code=code, message=message, retryable=False),
+    )

@@ -1,0 +1,144 @@
+"""The Celery tasks: thin. Validate the message, bind log context, hand it to the service,
+map typed errors to retry or dead letter. The message is acked when the task returns, which
+is after its result was published.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import structlog
+from celery import Task, shared_task
+from celery.signals import worker_init, worker_shutdown
+from pydantic import ValidationError
+
+from worker import metrics
+from worker.celery_app import DEAD_LETTER_TASK, check_visibility_timeout
+from worker.config import Settings
+from worker.errors import InvalidRequest, RetryableError
+from worker.log import configure_logging, get_logger
+from worker.messages import ModerationRequest
+from worker.runtime import Runtime, close_runtime, get_runtime
+from worker.service import Handled, error_result
+
+__all__ = ["backoff_seconds", "moderate"]
+
+log = get_logger(__name__)
+
+
+def backoff_seconds(retries: int, cap: int) -> float:
+    """Capped exponential backoff with full jitter: 1, 2, 4 … seconds, at most ``cap``."""
+    return random.uniform(0.5, 1.0) * min(float(cap), 2.0**retries)
+
+
+def _settings(task: Task) -> Settings:
+    settings = getattr(task.app.conf, "modq_settings", None)
+    return settings if isinstance(settings, Settings) else Settings()
+
+
+def _runtime(task: Task) -> Runtime:
+    return get_runtime(_settings(task), task.app.send_task)
+
+
+@shared_task(bind=True, name="modq.moderate", max_retries=None)  # type: ignore[untyped-decorator]
+def moderate(self: Task, message: Any) -> dict[str, Any]:
+    runtime = _runtime(self)
+    settings = runtime.settings
+    try:
+        request = ModerationRequest.model_validate(message)
+    except ValidationError as exc:
+        return _reject_invalid(self, runtime, message, exc)
+    with structlog.contextvars.bound_contextvars(
+        request_id=request.request_id, model=settings.model, task_id=self.request.id
+    ):
+        may_retry = self.request.retries < settings.max_retries
+        try:
+            handled = runtime.service.handle(request, may_retry=may_retry)
+        except RetryableError as exc:
+            countdown = backoff_seconds(self.request.retries, settings.retry_backoff_max_s)
+            log.warning(
+                "retrying",
+                error=str(exc),
+                attempt=self.request.retries + 1,
+                countdown=round(countdown, 2),
+            )
+            metrics.RETRIES.labels(exc.code).inc()
+            raise self.retry(countdown=countdown) from exc
+        _dead_letter(self, settings, message, handled)
+        log.info(
+            "published",
+            verdict=handled.result.verdict,
+            status=handled.result.status,
+            republished=handled.republished,
+        )
+    return {"request_id": request.request_id, "status": handled.result.status.value}
+
+
+def _reject_invalid(
+    task: Task, runtime: Runtime, message: Any, exc: ValidationError
+) -> dict[str, Any]:
+    """A message that is not a valid request still gets an answer where one can be given:
+    an error result at its callback when the callback itself is valid, and the dead letter."""
+    error = InvalidRequest(
+        f"invalid request: {exc.error_count()} problem(s): {exc.errors()[0]['msg']}"
+    )
+    fields = message if isinstance(message, dict) else {}
+    request_id = str(fields.get("request_id") or task.request.id)[:128]
+    image = str(fields.get("image", ""))[:4096]
+    log.warning("invalid request", request_id=request_id, error=str(error))
+    metrics.ERRORS.labels(error.code).inc()
+    handled = Handled(error_result(request_id, image, error.code, str(error)), error.code)
+    callback = fields.get("callback")
+    try:
+        probe = ModerationRequest(request_id="probe", image="file:///", callback=callback)
+    except ValidationError:
+        probe = None
+    if probe is not None and probe.callback:
+        handled = runtime.service.fail(
+            ModerationRequest.model_construct(
+                request_id=request_id, image=image, callback=probe.callback, metadata={}
+            ),
+            error,
+        )
+    _dead_letter(task, runtime.settings, message, handled)
+    return {"request_id": request_id, "status": "error"}
+
+
+def _dead_letter(task: Task, settings: Settings, message: Any, handled: Handled) -> None:
+    if handled.dead_letter is None:
+        return
+    metrics.DEAD_LETTERS.labels(handled.dead_letter).inc()
+    task.app.send_task(
+        DEAD_LETTER_TASK,
+        args=[
+            {
+                "reason": handled.dead_letter,
+                "request": message,
+                "result": handled.result.model_dump(mode="json"),
+            }
+        ],
+        queue=settings.dead_letter_queue,
+    )
+
+
+@worker_init.connect  # type: ignore[untyped-decorator]
+def _on_worker_init(sender: Any = None, **_: Any) -> None:
+    """Before the first message: refuse a risky visibility timeout, start the metrics
+    endpoint, load the model (once for this process)."""
+    app = sender.app if sender is not None and hasattr(sender, "app") else None
+    settings = getattr(app.conf, "modq_settings", None) if app is not None else None
+    settings = settings if isinstance(settings, Settings) else Settings()
+    configure_logging(settings.log_level, json=True)
+    check_visibility_timeout(settings)
+    if settings.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.metrics_port)
+    if app is not None:
+        get_runtime(settings, app.send_task)
+
+
+@worker_shutdown.connect  # type: ignore[untyped-decorator]
+def _on_worker_shutdown(**_: Any) -> None:
+    close_runtime()
