@@ -17,6 +17,7 @@ once released) and whether a retry can help::
     │   │   ├── InvalidReference       invalid_reference
     │   │   └── ObjectNotFound         not_found
     │   ├── SourceChanged              source_changed       (bytes changed under us)
+    │   ├── InternalError              internal             (a bug; retried, then reported)
     │   ├── InvalidRequest             invalid_request      (a message that is no request)
     │   ├── InvalidCallback            invalid_callback     (bad URI or the receiver refused)
     │   ├── ModelError                 a model cannot be loaded or run as asked
@@ -47,6 +48,7 @@ __all__ = [
     "ImageError",
     "ImageTooLarge",
     "InferenceFailed",
+    "InternalError",
     "InvalidCallback",
     "InvalidReference",
     "InvalidRequest",
@@ -127,6 +129,10 @@ class ObjectNotFound(ReferenceError_):
 
 class SourceChanged(PermanentError):
     code = "source_changed"
+
+
+class InternalError(PermanentError):
+    code = "internal"
 
 
 class InvalidRequest(PermanentError):

@@ -16,11 +16,11 @@ from pydantic import ValidationError
 from worker import metrics
 from worker.celery_app import DEAD_LETTER_TASK, check_visibility_timeout
 from worker.config import Settings
-from worker.errors import InvalidRequest, RetryableError
+from worker.errors import InternalError, InvalidRequest, RetryableError
 from worker.log import configure_logging, get_logger
 from worker.messages import ModerationRequest
 from worker.runtime import Runtime, close_runtime, get_runtime
-from worker.service import Handled, error_result
+from worker.service import Handled, TransientFailure, error_result
 
 __all__ = ["backoff_seconds", "moderate"]
 
@@ -63,13 +63,27 @@ def moderate(self: Task, message: Any) -> dict[str, Any]:
                 attempt=self.request.retries + 1,
                 countdown=round(countdown, 2),
             )
-            metrics.RETRIES.labels(exc.code).inc()
+            code = exc.error.code if isinstance(exc, TransientFailure) else exc.code
+            metrics.RETRIES.labels(code).inc()
             raise self.retry(countdown=countdown) from exc
+        except Exception as exc:
+            # A bug must not ack a message without an answer: retry it like a transient
+            # failure, and when retries run out publish an ``internal`` error result.
+            log.exception("unexpected error", attempt=self.request.retries + 1)
+            if may_retry:
+                metrics.RETRIES.labels(InternalError.code).inc()
+                countdown = backoff_seconds(self.request.retries, settings.retry_backoff_max_s)
+                raise self.retry(countdown=countdown) from exc
+            handled = runtime.service.fail(request, InternalError(f"internal error: {exc!r}"))
         _dead_letter(self, settings, message, handled)
+        result = handled.result
         log.info(
             "published",
-            verdict=handled.result.verdict,
-            status=handled.result.status,
+            status=result.status,
+            verdict=result.verdict,
+            sha256=result.hashes.sha256 if result.hashes else None,
+            cache=result.cache.outcome if result.cache else None,
+            error=result.error.code if result.error else None,
             republished=handled.republished,
         )
     return {"request_id": request.request_id, "status": handled.result.status.value}

@@ -13,26 +13,30 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from kombu import Connection
 from PIL import Image
 
 from tests.integration.conftest import WorkerFactory
 from tests.support.corpus import EXAMPLES
+from tests.support.receivers import (
+    RESULT_QUEUE,
+    SECRET,
+    STREAM,
+    Collector,
+    HttpSide,
+    drain,
+    https_side,
+)
 from tests.support.s3_server import S3Server
-from tests.support.tls import make_tls
-from worker.callbacks import verify_signature
 from worker.client import Client
 from worker.config import Settings
 from worker.messages import CacheOutcome, ModerationResult, Status, Verdict
@@ -42,10 +46,6 @@ from worker.policy import Policy
 from worker.storage import MemoryStore
 
 pytestmark = pytest.mark.integration
-
-SECRET = "e2e-webhook-secret"
-RESULT_QUEUE = "e2e-results"
-STREAM = "e2e-stream"
 
 
 def distinct_images(count: int, seed: int) -> list[bytes]:
@@ -65,50 +65,10 @@ def distinct_images(count: int, seed: int) -> list[bytes]:
     return out
 
 
-class _Hook(BaseHTTPRequestHandler):
-    received: list[tuple[dict[str, str], bytes]]
-    images: dict[str, bytes]
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        self.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
-        self.send_response(200)
-        self.end_headers()
-
-    def do_GET(self) -> None:
-        data = self.images.get(self.path)
-        self.send_response(200 if data is not None else 404)
-        self.send_header("Content-Length", str(len(data or b"")))
-        self.end_headers()
-        self.wfile.write(data or b"")
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-@dataclass
-class HttpSide:
-    url: str
-    received: list[tuple[dict[str, str], bytes]]
-    images: dict[str, bytes]
-    ca: Path
-
-
 @pytest.fixture
 def http_side(tmp_path: Path) -> Iterator[HttpSide]:
-    """One HTTPS server on 127.0.0.1 (certificate from a test CA): webhook receiver and
-    image host."""
-    tls = make_tls(tmp_path / "tls", ips=("127.0.0.1",))
-    received: list[tuple[dict[str, str], bytes]] = []
-    images: dict[str, bytes] = {}
-    handler = type("Hook", (_Hook,), {"received": received, "images": images})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.socket = tls.server_context().wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield HttpSide(f"https://127.0.0.1:{server.server_address[1]}", received, images, tls.ca)
-    server.shutdown()
-    server.server_close()
+    with https_side(tmp_path / "tls") as side:
+        yield side
 
 
 @dataclass
@@ -316,7 +276,7 @@ def test_two_hundred_requests_each_answered_once(
         _check_action(s, result, s3, moved, uploads_bucket, quarantine_bucket)
     assert outcomes["exact"] + outcomes["perceptual"] >= 80
     assert outcomes["miss"] >= 45  # the 90 first copies, less near-duplicates of flagged ones
-    dead = _drain(start_worker.broker_url, "modq.dead")
+    dead = drain(start_worker.broker_url, "modq.dead")
     assert sorted(d[0][0]["result"]["request_id"] for d in dead) == sorted(
         s.request_id for s in sent if s.expect_code
     )
@@ -343,67 +303,3 @@ def _check_action(
         assert present is not blocked, s
     else:
         assert Path(s.image.removeprefix("file://")).exists() is not blocked, s
-
-
-def _drain(broker_url: str, queue: str) -> list[Any]:
-    messages = []
-    with Connection(broker_url) as connection:
-        simple = connection.SimpleQueue(queue)
-        while True:
-            try:
-                message = simple.get(timeout=0.5)
-            except simple.Empty:
-                break
-            messages.append(
-                json.loads(message.body) if isinstance(message.body, (str, bytes)) else message.body
-            )
-            message.ack()
-        simple.close()
-    return messages
-
-
-class Collector:
-    """Reads every callback kind: the Celery queue, the Redis stream and the webhook."""
-
-    def __init__(self, broker_url: str, http_side: HttpSide) -> None:
-        import redis
-
-        self.broker_url = broker_url
-        self.http_side = http_side
-        self.redis = redis.Redis.from_url(broker_url)
-        self.stream_seen = "0-0"
-        self.hooks_seen = 0
-        self.results: dict[str, list[ModerationResult]] = {}
-
-    @property
-    def count(self) -> int:
-        return sum(len(v) for v in self.results.values())
-
-    def wait_for(self, want: int, timeout: float = 180.0) -> None:
-        deadline = time.monotonic() + timeout
-        while self.count < want and time.monotonic() < deadline:
-            self.poll()
-        assert self.count >= want, f"only {self.count} of {want} results arrived"
-
-    def poll(self) -> None:
-        for body in _drain(self.broker_url, RESULT_QUEUE):
-            self._add(ModerationResult.model_validate(body[0][0]))
-        for _, entries in self.redis.xread({STREAM: self.stream_seen}, block=200) or []:
-            for entry_id, fields in entries:
-                self.stream_seen = entry_id
-                self._add(ModerationResult.model_validate_json(fields[b"result"]))
-        received = self.http_side.received
-        while self.hooks_seen < len(received):
-            headers, body = received[self.hooks_seen]
-            self.hooks_seen += 1
-            _verify_signature(headers, body)
-            self._add(ModerationResult.model_validate_json(body))
-
-    def _add(self, result: ModerationResult) -> None:
-        self.results.setdefault(result.request_id, []).append(result)
-
-
-def _verify_signature(headers: dict[str, str], body: bytes) -> None:
-    assert verify_signature(
-        SECRET.encode(), body, headers["x-modq-timestamp"], headers["x-modq-signature"]
-    ), "webhook signature does not verify"
