@@ -38,7 +38,6 @@ from worker.messages import (
     ModelInfo,
     ModerationResult,
     Status,
-    Timings,
     Verdict,
 )
 from worker.models.backend import Backend, ModelOutput, Scores, scores_from_probabilities
@@ -46,6 +45,7 @@ from worker.models.preprocess import draft_size
 from worker.policy import Policy
 from worker.quarantine import Quarantine
 from worker.storage import ObjectStore
+from worker.timing import Clock
 
 __all__ = ["PerceptualOptions", "Pipeline", "PipelineOptions"]
 
@@ -100,31 +100,6 @@ class _Lookup:
     distance: int | None = None
     embedding: np.ndarray | None = None
     infer_ms: float = 0.0
-
-
-@dataclass
-class _Clock:
-    started: float = field(default_factory=time.perf_counter)
-    marks: dict[str, float] = field(default_factory=dict)
-    last: float = 0.0
-
-    def __post_init__(self) -> None:
-        self.last = self.started
-
-    def mark(self, name: str) -> None:
-        now = time.perf_counter()
-        self.marks[name] = self.marks.get(name, 0.0) + (now - self.last) * 1000
-        self.last = now
-
-    def timings(self, infer_ms: float = 0.0) -> Timings:
-        wait_ms = self.marks.get("wait", 0.0)
-        return Timings(
-            fetch_ms=round(self.marks.get("fetch", 0.0), 3),
-            decode_ms=round(self.marks.get("decode", 0.0), 3),
-            queue_ms=round(max(0.0, wait_ms - infer_ms), 3),
-            infer_ms=round(infer_ms, 3),
-            total_ms=round((time.perf_counter() - self.started) * 1000, 3),
-        )
 
 
 class Pipeline:
@@ -184,7 +159,7 @@ class Pipeline:
         """Moderate one image. ``policy`` and ``embed`` override the pipeline's own for this
         request. Failures come back as error results carrying their stable code."""
         request_id = request_id or uuid.uuid4().hex
-        clock = _Clock()
+        clock = Clock()
         metrics.IN_FLIGHT.inc()
         try:
             return self._process(
@@ -217,7 +192,7 @@ class Pipeline:
                 yield from (f.result() for f in done)
 
     def _process(
-        self, ref: str, request_id: str, clock: _Clock, policy: Policy, embed: bool
+        self, ref: str, request_id: str, clock: Clock, policy: Policy, embed: bool
     ) -> ModerationResult:
         data = self.store.read(ref, self.options.limits.max_bytes)
         sha256 = sha256_hex(data)
@@ -247,7 +222,7 @@ class Pipeline:
         )
 
     def _lookup(
-        self, data: bytes, sha256: str, clock: _Clock, policy: Policy, embed: bool
+        self, data: bytes, sha256: str, clock: Clock, policy: Policy, embed: bool
     ) -> _Lookup:
         """Exact cache tier, then decode and hash, then the perceptual tier, then the model.
         A request for the embedding always runs the model (the cache keeps no embeddings)."""
@@ -355,7 +330,7 @@ class Pipeline:
         return ActionInfo(kind=kind, location=self.quarantine.apply(ref, sha256, record))
 
     def _error(
-        self, ref: str, request_id: str, clock: _Clock, code: str, message: str, retryable: bool
+        self, ref: str, request_id: str, clock: Clock, code: str, message: str, retryable: bool
     ) -> ModerationResult:
         metrics.ERRORS.labels(code).inc()
         return ModerationResult(
