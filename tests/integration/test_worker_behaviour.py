@@ -7,10 +7,13 @@ import io
 import json
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -166,3 +169,43 @@ def test_modq_submit_pages_through_a_bucket_and_the_worker_reports_metrics_and_l
     published = [entry for entry in logged if entry.get("event") == "published"]
     assert {entry["request_id"] for entry in published} == set(collector.results)
     assert all(entry["sha256"] and entry["model"] == "opennsfw" for entry in published)
+
+
+def test_flower_sees_the_worker_and_its_tasks(start_worker: WorkerFactory, tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "f.jpg").write_bytes(_jpeg(40))
+    worker = start_worker({"MODQ_ALLOWED_ROOTS": str(images)})
+    port = free_port()
+    env = {**worker.env, "FLOWER_UNAUTHENTICATED_API": "true"}
+    celery = Path(sys.executable).with_name("celery")
+    flower = subprocess.Popen(
+        [str(celery), "-A", "worker.celery_app", "flower", f"--port={port}",
+         "--address=127.0.0.1"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        collector = Collector(start_worker.broker_url)
+        deadline = time.monotonic() + 60
+        tasks: dict[str, Any] = {}
+        sent = False
+        while time.monotonic() < deadline and not any(
+            t.get("state") == "SUCCESS" for t in tasks.values()
+        ):
+            time.sleep(0.5)
+            try:
+                workers = httpx.get(f"http://127.0.0.1:{port}/api/workers?refresh=1").json()
+            except (httpx.HTTPError, ValueError):
+                continue
+            if not sent and any(name.startswith("modq@") for name in workers):
+                with Client(Settings(broker_url=start_worker.broker_url)) as client:
+                    client.submit((images / "f.jpg").as_uri(), request_id="fl-1", callback=CALLBACK)
+                sent = True
+            if sent:
+                tasks = httpx.get(f"http://127.0.0.1:{port}/api/tasks").json()
+        collector.wait_for(1, timeout=30)
+        assert tasks.get("fl-1", {}).get("name") == "modq.moderate"
+        assert tasks["fl-1"]["state"] == "SUCCESS"
+    finally:
+        flower.terminate()
+        flower.wait(10)
