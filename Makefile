@@ -49,6 +49,7 @@ lint: install-dev
 bench: install-dev
 	$(BIN)/python bench/models.py
 	$(BIN)/python bench/scan.py
+	$(BIN)/python -m bench.queue_worker
 
 clean:
 	rm -rf $(VENV) build *.egg-info

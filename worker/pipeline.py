@@ -25,6 +25,7 @@ import numpy as np
 from worker import metrics
 from worker.batching import DynamicBatcher
 from worker.cache import CachedEntry, NearMatch, VerdictCache, choose_near_match
+from worker.config import Settings
 from worker.decode import DecodeLimits, decode
 from worker.errors import CacheUnavailable, ModqError
 from worker.hashing import ImageHashes, hash_image, sha256_hex
@@ -66,6 +67,21 @@ class PipelineOptions:
     max_batch_size: int = 32
     max_wait_ms: float = 10.0
 
+    @classmethod
+    def from_settings(cls, settings: Settings, embed: bool = False) -> PipelineOptions:
+        return cls(
+            limits=DecodeLimits(
+                settings.max_image_bytes,
+                settings.max_image_pixels,
+                settings.max_frames,
+                settings.sample_frames,
+            ),
+            exact_decode=settings.exact_decode,
+            embed=embed,
+            max_batch_size=settings.max_batch_size,
+            max_wait_ms=settings.max_wait_ms,
+        )
+
 
 @dataclass(frozen=True)
 class PerceptualOptions:
@@ -75,6 +91,10 @@ class PerceptualOptions:
     enabled: bool = True
     radius: int = 6
     reuse_safe: bool = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> PerceptualOptions:
+        return cls(radius=settings.perceptual_radius, reuse_safe=settings.perceptual_reuse_safe)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ from typing import Any
 
 from worker.cache.results import ResultStore
 from worker.config import Settings
-from worker.decode import DecodeLimits
 from worker.log import get_logger
 from worker.pipeline import PerceptualOptions, Pipeline, PipelineOptions
 from worker.policy import POLICY_NAMES, Policy, load_policy
@@ -44,7 +43,7 @@ def _policies(settings: Settings, pipeline_policy: Policy, card: Any) -> dict[st
 
 
 def build_runtime(settings: Settings, send_task: SendTask) -> Runtime:
-    from worker.cache.redis import RedisCache
+    from worker.cache.redis import RedisCache, redis_client
     from worker.cache.results import RedisResultStore
     from worker.callbacks import build_publisher
     from worker.models.precision import load_model
@@ -58,8 +57,9 @@ def build_runtime(settings: Settings, send_task: SendTask) -> Runtime:
     cache: RedisCache | None = None
     results: ResultStore | None = None
     if settings.cache_url:
-        cache = RedisCache(settings.cache_url, settings.cache_prefix, settings.cache_ttl_s)
-        results = RedisResultStore(settings.cache_url, settings.cache_prefix, settings.result_ttl_s)
+        client = redis_client(settings.cache_url)  # one pool for the cache and the results
+        cache = RedisCache.from_settings(settings, client)
+        results = RedisResultStore.from_settings(settings, client)
     policy = load_policy(settings.policy, backend.card)
     pipeline = Pipeline(
         backend,
@@ -67,20 +67,8 @@ def build_runtime(settings: Settings, send_task: SendTask) -> Runtime:
         policy,
         cache,
         build_quarantine(settings, store),
-        PipelineOptions(
-            limits=DecodeLimits(
-                settings.max_image_bytes,
-                settings.max_image_pixels,
-                settings.max_frames,
-                settings.sample_frames,
-            ),
-            exact_decode=settings.exact_decode,
-            max_batch_size=settings.max_batch_size,
-            max_wait_ms=settings.max_wait_ms,
-        ),
-        PerceptualOptions(
-            radius=settings.perceptual_radius, reuse_safe=settings.perceptual_reuse_safe
-        ),
+        PipelineOptions.from_settings(settings),
+        PerceptualOptions.from_settings(settings),
     )
     service = ModerationService(
         pipeline,

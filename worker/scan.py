@@ -110,9 +110,8 @@ def run_scan(
 ) -> ScanSummary:
     """Wire the pipeline from ``settings`` and scan ``paths`` into ``report``."""
     from worker.cache import SQLiteCache
-    from worker.decode import DecodeLimits
     from worker.models.precision import load_model
-    from worker.pipeline import Pipeline, PipelineOptions
+    from worker.pipeline import PerceptualOptions, Pipeline, PipelineOptions
     from worker.policy import load_policy
     from worker.quarantine import LocalQuarantine
     from worker.storage import LocalStore, file_ref
@@ -122,19 +121,8 @@ def run_scan(
     backend = load_model(
         settings.model, settings.device, settings.precision, settings.threads, settings.onnx_dir
     )
-    options = PipelineOptions(
-        limits=DecodeLimits(
-            settings.max_image_bytes,
-            settings.max_image_pixels,
-            settings.max_frames,
-            settings.sample_frames,
-        ),
-        exact_decode=settings.exact_decode,
-        embed=embed,
-        max_batch_size=settings.max_batch_size,
-        max_wait_ms=settings.max_wait_ms,
-    )
-    cache = SQLiteCache(settings.verdict_db) if use_cache else None
+    options = PipelineOptions.from_settings(settings, embed=embed)
+    cache = SQLiteCache(settings.verdict_db, settings.perceptual_radius) if use_cache else None
     quarantine = LocalQuarantine(quarantine_to, store) if quarantine_to else None
     summary = ScanSummary(model=backend.describe())
     # Enough threads to fill a batch while one runs, bounded by the cores: each thread holds
@@ -145,7 +133,13 @@ def run_scan(
     report.parent.mkdir(parents=True, exist_ok=True)
     with (
         Pipeline(
-            backend, store, load_policy(settings.policy, backend.card), cache, quarantine, options
+            backend,
+            store,
+            load_policy(settings.policy, backend.card),
+            cache,
+            quarantine,
+            options,
+            PerceptualOptions.from_settings(settings),
         ) as pipeline,
         report.open("w") as out,
     ):

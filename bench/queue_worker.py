@@ -1,0 +1,600 @@
+"""Queue mode end to end: what a real `modq worker` process delivers, next to its floors.
+
+In one run, over the same mixed-size JPEGs (320-4000 px, `bench/scan.py`'s `make_images`,
+in bench/out/scan-images/), with its own redis-server (broker, verdict cache and result
+stream) and one `modq worker` process (threads pool, dynamic batcher):
+
+- queue:  N distinct images sent at once through the producer API (`Client.send_many`,
+          file:// references, callback redis-stream://bench-results), timed from the first
+          send to the last result read from the stream (XREAD). The worker's verdict cache is
+          a fresh Redis database, and every result must say `cache.outcome = miss`;
+- floor:  `bench.scan.floor`, the same per-image work (read, sha256, draft decode,
+          perceptual hashes, preprocess, forward every `--batch` images) in one thread of
+          this process, with the same model, precision, batch size and thread count;
+- bare:   `bench.scan.bare`, the forward pass alone at `--batch` on preloaded arrays;
+- naive:  the design a typical user writes first (bench/naive_worker.py): one Celery task
+          per image that opens the file with PIL and calls a transformers
+          `pipeline("image-classification")` on it (for opennsfw, which is ONNX and has no
+          pipeline: modq's `Backend.predict([image])`, ONNX at batch 1), run by
+          `celery -A bench.naive_worker worker --pool=solo` against the same Redis on its own
+          queue, with the same images and references; each task writes its top score to a
+          Redis stream, timed first send -> last result read, like the queue;
+- exact:  the same N images sent again under new request ids: every one an exact cache hit;
+- latency: 30 more distinct images (cache misses), one at a time, each sent only after the
+          previous result arrived: p50 and p95 of send -> result read, against the target
+          "one forward pass at batch 1 (timed here, same backend) + max_wait_ms + 30 ms".
+
+It prints images per second, the ratios queue/floor (target >= 0.8), queue/bare and
+queue/naive (target >= 3 on the ViT-B in bf16), and where the queue's time went: the mean
+batch size and forward time the worker itself measured (its Prometheus histograms
+`modq_batch_size` and `modq_forward_seconds`, scraped before and after the timed send) and
+its CPU use. Any error result, or a result that is not the expected cache outcome, aborts.
+Hub presets run on random-weight look-alikes (bench/out/lookalikes/, same speed).
+
+    .venv/bin/python -m bench.queue_worker [--model opennsfw|falconsai|adamcodd] [--precision fp32]
+                                     [--images 200] [--batch 32] [--max-wait-ms 10]
+"""
+
+# The imports come after the sys.path fix below.
+# ruff: noqa: E402
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Run as a file, only bench/ is on sys.path: the repository root holds `bench.scan` and the
+# test helpers this script starts Redis and the worker with.
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import argparse
+import gc
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import time
+import uuid
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+import numpy as np
+import redis
+from celery import Celery
+from prometheus_client.parser import text_string_to_metric_families
+
+from bench.scan import OUT, bare, floor, lookalike, make_images
+from tests.support.redis_server import RedisServer
+from tests.support.worker_process import WorkerProcess
+from worker.client import Client
+from worker.config import Settings
+from worker.decode import DecodeLimits, decode
+from worker.messages import CacheOutcome, ModerationResult, Status
+from worker.models.backend import Backend
+from worker.models.precision import load_model
+from worker.models.preprocess import draft_size
+from worker.storage import file_ref
+
+WORK = OUT / "worker-bench"
+STREAM = "bench-results"
+NAIVE_STREAM = "bench-naive-results"
+NAIVE_TASK = "bench.naive.classify"  # bench/naive_worker.py
+NAIVE_QUEUE = "bench-naive"
+NAIVE_POOL = "--pool=solo"
+LATENCY_REQUESTS = 30
+LATENCY_ALLOWANCE_MS = 30.0
+NAIVE_WARMUP = 4
+
+
+class BenchError(RuntimeError):
+    """Something that makes the figures meaningless: stop and say what."""
+
+
+# --- reading results back ---------------------------------------------------------------
+
+
+class StreamReader:
+    """Reads one Redis stream from where it last stopped. While timing, entries are only
+    collected; they are parsed after the clock stops."""
+
+    def __init__(self, client: redis.Redis, name: str, alive: Callable[[], bool]) -> None:
+        self.client = client
+        self.name = name
+        self.alive = alive
+        self.last: bytes | str = "0-0"
+
+    def read(self, want: int, timeout_s: float) -> tuple[list[dict[bytes, bytes]], float]:
+        """Block until ``want`` new entries arrived; returns them and the instant
+        (perf_counter) the last one was read."""
+        got: list[dict[bytes, bytes]] = []
+        deadline = time.monotonic() + timeout_s
+        while len(got) < want:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BenchError(f"only {len(got)} of {want} results on {self.name} in time")
+            if not self.alive():
+                raise BenchError(f"the worker died; {len(got)} of {want} results arrived")
+            block_ms = max(1, int(min(remaining, 1.0) * 1000))
+            reply = self.client.xread({self.name: self.last}, count=want - len(got), block=block_ms)
+            for _, entries in reply or []:
+                for entry_id, fields in entries:
+                    self.last = entry_id
+                    got.append(fields)
+        return got, time.perf_counter()
+
+
+def parse_results(entries: list[dict[bytes, bytes]]) -> list[ModerationResult]:
+    return [ModerationResult.model_validate_json(fields[b"result"]) for fields in entries]
+
+
+def check_results(
+    results: list[ModerationResult], ids: list[str], outcome: CacheOutcome, phase: str
+) -> None:
+    """Every request answered once, without error, with the cache outcome the phase needs."""
+    errors = [r for r in results if r.status is not Status.OK]
+    if errors:
+        first = errors[0]
+        raise BenchError(f"{phase}: {len(errors)} error result(s), e.g. {first.error}")
+    if sorted(r.request_id for r in results) != sorted(ids):
+        raise BenchError(f"{phase}: the results do not answer the requests one to one")
+    wrong = [r for r in results if r.cache is None or r.cache.outcome is not outcome]
+    if wrong:
+        got = wrong[0].cache.outcome.value if wrong[0].cache else "none"
+        raise BenchError(f"{phase}: {len(wrong)} result(s) not `{outcome.value}` (e.g. {got})")
+
+
+# --- the worker's own measurements ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerCounters:
+    batches: float
+    images: float
+    forward_s: float
+    cpu_s: float | None  # user + system CPU time of the worker process
+
+    def __sub__(self, other: WorkerCounters) -> WorkerCounters:
+        cpu = None
+        if self.cpu_s is not None and other.cpu_s is not None:
+            cpu = self.cpu_s - other.cpu_s
+        return WorkerCounters(
+            self.batches - other.batches,
+            self.images - other.images,
+            self.forward_s - other.forward_s,
+            cpu,
+        )
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of ``pid`` and its threads, where /proc exists."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def scrape(worker: WorkerProcess) -> WorkerCounters:
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(worker.metrics()):
+        for sample in family.samples:
+            values[sample.name] = values.get(sample.name, 0.0) + sample.value
+    assert worker.process is not None
+    return WorkerCounters(
+        values.get("modq_batch_size_count", 0.0),
+        values.get("modq_batch_size_sum", 0.0),
+        values.get("modq_forward_seconds_sum", 0.0),
+        process_cpu_seconds(worker.process.pid),
+    )
+
+
+# --- the in-process references --------------------------------------------------------------
+
+
+def forward_batch1_ms(backend: Backend, path: Path, limits: DecodeLimits) -> float:
+    """Median time of one forward pass at batch 1 (the model alone)."""
+    frame = decode(path.read_bytes(), limits, draft_size(backend.card)).frames[0]
+    one = backend.preprocess(frame)[None]
+    for _ in range(3):
+        backend.forward(one)
+    times: list[float] = []
+    started = time.perf_counter()
+    while len(times) < 10 or time.perf_counter() - started < 2.0:
+        t0 = time.perf_counter()
+        backend.forward(one)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000
+
+
+# --- the two workers ------------------------------------------------------------------------
+
+
+def modq_worker_env(
+    args: argparse.Namespace, spec: str, broker: str, cache: str, threads: int, images: Path
+) -> dict[str, str]:
+    return {
+        "MODQ_BROKER_URL": broker,
+        "MODQ_CACHE_URL": cache,
+        "MODQ_ALLOWED_ROOTS": str(images),
+        "MODQ_MODEL": spec,
+        "MODQ_DEVICE": "cpu",
+        "MODQ_PRECISION": args.precision,
+        "MODQ_MAX_BATCH_SIZE": str(args.batch),
+        "MODQ_MAX_WAIT_MS": str(args.max_wait_ms),
+        "MODQ_THREADS": str(threads),
+        "MODQ_CACHE_DIR": str(WORK / "modq-cache"),
+        "HF_HUB_OFFLINE": "1",
+    }
+
+
+class NaiveWorker:
+    """`celery -A bench.naive_worker worker --pool=solo` in its own process group."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("MODQ_", "NAIVE_"))},
+            "PYTHONPATH": str(ROOT),
+            "PYTHONUNBUFFERED": "1",
+            "HF_HUB_OFFLINE": "1",
+            **env,
+        }
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def command(self) -> list[str]:
+        celery = Path(sys.executable).with_name("celery")
+        return [
+            str(celery), "-A", "bench.naive_worker", "worker", NAIVE_POOL,
+            "-Q", NAIVE_QUEUE, "--loglevel=INFO", "--hostname=naive@%h",
+        ]  # fmt: skip
+
+    def start(self, timeout_s: float = 120.0) -> NaiveWorker:
+        self.log_path.unlink(missing_ok=True)
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                self.command,
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout_s
+        while "ready." not in self.log():
+            if not self.alive() or time.monotonic() > deadline:
+                raise BenchError(f"the naive worker did not start:\n{self.log()[-3000:]}")
+            time.sleep(0.2)
+        return self
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+        self.process = None
+
+
+# --- phases -----------------------------------------------------------------------------------
+
+
+def send_and_collect(
+    client: Client, reader: StreamReader, paths: list[Path], timeout_s: float
+) -> tuple[list[str], list[dict[bytes, bytes]], float]:
+    """Send one request per path at once; (request ids, raw results, seconds first send ->
+    last result read)."""
+    ids = [uuid.uuid4().hex for _ in paths]
+    refs = [file_ref(p) for p in paths]
+    started = time.perf_counter()
+    requests = (
+        client.request(ref, request_id=rid, callback=f"redis-stream://{STREAM}")
+        for ref, rid in zip(refs, ids, strict=True)
+    )
+    for _ in client.send_many(requests):
+        pass
+    entries, finished = reader.read(len(paths), timeout_s)
+    return ids, entries, finished - started
+
+
+def send_naive(
+    app: Celery, reader: StreamReader, paths: list[Path], timeout_s: float
+) -> tuple[list[str], float]:
+    ids = [uuid.uuid4().hex for _ in paths]
+    refs = [file_ref(p) for p in paths]
+    started = time.perf_counter()
+    with app.producer_or_acquire() as producer:
+        for ref, rid in zip(refs, ids, strict=True):
+            app.send_task(
+                NAIVE_TASK, args=[ref, rid], queue=NAIVE_QUEUE, task_id=rid, producer=producer
+            )
+    entries, finished = reader.read(len(paths), timeout_s)
+    answered = sorted(fields[b"request_id"].decode() for fields in entries)
+    if answered != sorted(ids):
+        raise BenchError("naive: the results do not answer the requests one to one")
+    return ids, finished - started
+
+
+def latencies(
+    client: Client, reader: StreamReader, paths: list[Path]
+) -> list[tuple[float, ModerationResult]]:
+    """One request at a time: send, wait for its result, then the next; (ms, result) each."""
+    out: list[tuple[float, ModerationResult]] = []
+    for path in paths:
+        ids, entries, seconds = send_and_collect(client, reader, [path], 60.0)
+        results = parse_results(entries)
+        check_results(results, ids, CacheOutcome.MISS, "latency")
+        out.append((seconds * 1000, results[0]))
+    return out
+
+
+@dataclass
+class Figures:
+    queue_ips: float = 0.0
+    floor_ips: float = 0.0
+    bare_ips: float = 0.0
+    naive_ips: float = 0.0
+    exact_ips: float = 0.0
+    forward1_ms: float = 0.0
+    p50_ms: float = 0.0
+    p95_ms: float = 0.0
+    worker: WorkerCounters | None = None
+    queue_s: float = 0.0
+    decode_ms: float = 0.0  # mean per image, from the results' timings (decode+hash+prep)
+    queue_wait_ms: float = 0.0  # mean per image waiting in the batcher
+    floor_cpu_ms: float = 0.0  # CPU time (all threads) per image of the floor
+    naive_cpu_ms: float | None = None  # and of the naive worker process
+    # low load, ms per request for each part: the worker's own timings, and the rest
+    low_load: dict[str, list[float]] = field(default_factory=dict)
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.array(values), q))
+
+
+def low_load_breakdown(timed: list[tuple[float, ModerationResult]]) -> dict[str, list[float]]:
+    """Each part of one request's latency, in ms: fetch, decode (+ cache lookups, hashing,
+    preprocessing), batcher wait, forward, the pipeline's total, and what lies outside it
+    (broker, Celery, result store, publishing, reading the stream)."""
+    parts: dict[str, list[float]] = {}
+    for ms, result in timed:
+        t = result.timings
+        if t is None:
+            continue
+        for name, value in (
+            ("fetch", t.fetch_ms),
+            ("decode", t.decode_ms),
+            ("wait", t.queue_ms),
+            ("forward", t.infer_ms),
+            ("worker", t.total_ms),
+            ("outside", ms - t.total_ms),
+        ):
+            parts.setdefault(name, []).append(value)
+    return parts
+
+
+# --- main -------------------------------------------------------------------------------------
+
+
+def naive_design(model: str) -> str:
+    if model == "opennsfw":
+        return "modq Backend.predict([image]) (ONNX at batch 1; opennsfw has no pipeline)"
+    return "transformers pipeline('image-classification') (batch 1)"
+
+
+def run(args: argparse.Namespace, threads: int, out: Figures) -> None:
+    """Every phase, in order; starts and stops every process it needs."""
+    spec = lookalike(args.model)
+    paths = make_images(args.images + args.batch + LATENCY_REQUESTS, OUT / "scan-images")
+    measured = paths[: args.images]
+    warmup = paths[args.images : args.images + args.batch]
+    low_load = paths[args.images + args.batch :]
+    limits = DecodeLimits()
+
+    # 1. The in-process references, before any worker runs (nothing else on the cores).
+    backend = load_model(spec, device="cpu", precision=args.precision, threads=threads)
+    floor(backend, warmup, args.batch, limits)
+    cpu_started = time.process_time()
+    out.floor_ips = floor(backend, measured, args.batch, limits)
+    out.floor_cpu_ms = 1000 * (time.process_time() - cpu_started) / len(measured)
+    out.bare_ips = bare(backend, measured, args.batch, limits)
+    out.forward1_ms = forward_batch1_ms(backend, measured[0], limits)
+    del backend
+    gc.collect()
+
+    with ExitStack() as stack:
+        server = RedisServer(WORK / "redis").start()
+        stack.callback(server.stop)
+        broker = f"redis://127.0.0.1:{server.port}/0"
+        cache = f"redis://127.0.0.1:{server.port}/1"
+        results_db = redis.Redis.from_url(broker)
+        if redis.Redis.from_url(cache).dbsize():
+            raise BenchError("the verdict cache database is not empty")
+
+        # 2. modq's worker: misses, exact hits, latency at low load.
+        log = WORK / "modq-worker.log"
+        log.unlink(missing_ok=True)
+        env = modq_worker_env(args, spec, broker, cache, threads, measured[0].parent)
+        worker = WorkerProcess(env, log)
+        stack.callback(worker.stop)
+        worker.start(timeout=300)
+
+        def worker_alive() -> bool:
+            return worker.process is not None and worker.process.poll() is None
+
+        reader = StreamReader(results_db, STREAM, worker_alive)
+        timeout = 60.0 + 5.0 * args.images
+        with Client(Settings(broker_url=broker)) as client:
+            ids, entries, _ = send_and_collect(client, reader, warmup, timeout)
+            check_results(parse_results(entries), ids, CacheOutcome.MISS, "warm-up")
+
+            before = scrape(worker)
+            ids, entries, out.queue_s = send_and_collect(client, reader, measured, timeout)
+            out.worker = scrape(worker) - before
+            results = parse_results(entries)
+            check_results(results, ids, CacheOutcome.MISS, "cache misses")
+            out.queue_ips = len(measured) / out.queue_s
+            out.decode_ms = statistics.mean(r.timings.decode_ms for r in results if r.timings)
+            out.queue_wait_ms = statistics.mean(r.timings.queue_ms for r in results if r.timings)
+
+            ids, entries, seconds = send_and_collect(client, reader, measured, timeout)
+            check_results(parse_results(entries), ids, CacheOutcome.EXACT, "exact hits")
+            out.exact_ips = len(measured) / seconds
+
+            timed = latencies(client, reader, low_load)
+            times = [ms for ms, _ in timed]
+            out.p50_ms, out.p95_ms = percentile(times, 50), percentile(times, 95)
+            out.low_load = low_load_breakdown(timed)
+        worker.stop()
+
+        # 3. The naive design: one task per image, its own worker process and queue.
+        naive_env = {
+            "NAIVE_BROKER_URL": broker,
+            "NAIVE_MODEL": spec,
+            "NAIVE_PRECISION": args.precision,
+            "NAIVE_THREADS": str(threads),
+            "NAIVE_STREAM": NAIVE_STREAM,
+        }
+        naive = NaiveWorker(naive_env, WORK / "naive-worker.log")
+        stack.callback(naive.stop)
+        naive.start()
+        naive_reader = StreamReader(results_db, NAIVE_STREAM, naive.alive)
+        app = Celery("bench-producer", broker=broker)
+        stack.callback(app.close)
+        naive_timeout = 120.0 + 10.0 * args.images
+        send_naive(app, naive_reader, warmup[:NAIVE_WARMUP], naive_timeout)
+        assert naive.process is not None
+        cpu_before = process_cpu_seconds(naive.process.pid)
+        _, seconds = send_naive(app, naive_reader, measured, naive_timeout)
+        cpu_after = process_cpu_seconds(naive.process.pid)
+        out.naive_ips = len(measured) / seconds
+        if cpu_before is not None and cpu_after is not None:
+            out.naive_cpu_ms = 1000 * (cpu_after - cpu_before) / len(measured)
+        naive.stop()
+
+
+def verdict(met: bool) -> str:
+    return "met" if met else "NOT met"
+
+
+def report(args: argparse.Namespace, fig: Figures) -> None:
+    target_ms = fig.forward1_ms + args.max_wait_ms + LATENCY_ALLOWANCE_MS
+    rows = [
+        ("queue, cache misses", f"{fig.queue_ips:.1f} img/s"),
+        ("floor (bench.scan.floor)", f"{fig.floor_ips:.1f} img/s"),
+        ("bare (bench.scan.bare)", f"{fig.bare_ips:.1f} img/s"),
+        ("naive, one task per image", f"{fig.naive_ips:.1f} img/s"),
+        ("queue, exact cache hits", f"{fig.exact_ips:.1f} img/s"),
+        ("latency p50 / p95, low load", f"{fig.p50_ms:.0f} / {fig.p95_ms:.0f} ms"),
+        ("forward pass at batch 1", f"{fig.forward1_ms:.0f} ms"),
+        ("bare at batch 1 (1 / forward)", f"{1000 / fig.forward1_ms:.1f} img/s"),
+        ("queue / floor", f"{fig.queue_ips / fig.floor_ips:.2f}"),
+        ("queue / bare", f"{fig.queue_ips / fig.bare_ips:.2f}"),
+        ("queue / naive", f"{fig.queue_ips / fig.naive_ips:.2f}"),
+        ("bare / naive", f"{fig.bare_ips / fig.naive_ips:.2f}"),
+    ]
+    print(f"{'figure':32} value")
+    for name, value in rows:
+        print(f"{name:32} {value}")
+
+    w = fig.worker
+    if w is not None and w.batches:
+        cpu = "" if w.cpu_s is None else f"; worker CPU {w.cpu_s / fig.queue_s:.2f} cores busy"
+        print("\nwhere the queue's time went, cache misses (worker metrics, this phase only):")
+        print(
+            f"  {w.batches:.0f} forward passes, mean batch {w.images / w.batches:.1f}; "
+            f"forward busy {w.forward_s:.1f} s of {fig.queue_s:.1f} s wall "
+            f"({w.forward_s / fig.queue_s:.0%})"
+        )
+        print(
+            f"  forward per image {1000 * w.forward_s / w.images:.1f} ms in the worker, "
+            f"{1000 / fig.bare_ips:.1f} ms bare{cpu}"
+        )
+        if w.cpu_s is not None:
+            naive = "" if fig.naive_cpu_ms is None else f", {fig.naive_cpu_ms:.1f} ms naive"
+            print(
+                f"  CPU per image: {1000 * w.cpu_s / args.images:.1f} ms in the worker, "
+                f"{fig.floor_cpu_ms:.1f} ms in the floor{naive}"
+            )
+        print(
+            f"  per image, mean wall time: decode+hash+preprocess {fig.decode_ms:.0f} ms "
+            f"(task threads share the cores), batcher wait {fig.queue_wait_ms:.0f} ms"
+        )
+    if fig.low_load:
+        parts = ", ".join(
+            f"{name} {percentile(ms, 50):.0f}/{percentile(ms, 95):.0f}"
+            for name, ms in fig.low_load.items()
+        )
+        print(f"low load, ms per request, p50/p95 of each part: {parts}")
+
+    print("\ntargets")
+    print(
+        f"  queue / floor >= 0.8: {fig.queue_ips / fig.floor_ips:.2f} "
+        f"{verdict(fig.queue_ips >= 0.8 * fig.floor_ips)}"
+    )
+    ratio = fig.queue_ips / fig.naive_ips
+    scope = "" if args.model != "opennsfw" else " (the target is set for the ViT-B)"
+    print(f"  queue / naive >= 3: {ratio:.2f} {verdict(ratio >= 3)}{scope}")
+    print(
+        f"  latency p95 <= forward@1 + max_wait + {LATENCY_ALLOWANCE_MS:.0f} ms = "
+        f"{target_ms:.0f} ms: p95 {fig.p95_ms:.0f} ms {verdict(fig.p95_ms <= target_ms)} "
+        f"(p50 {fig.p50_ms:.0f} ms {verdict(fig.p50_ms <= target_ms)})"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument(
+        "--model", default="opennsfw", choices=("opennsfw", "falconsai", "adamcodd")
+    )
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--batch", type=int, default=32, help="MODQ_MAX_BATCH_SIZE")
+    parser.add_argument("--max-wait-ms", type=float, default=10.0, help="MODQ_MAX_WAIT_MS")
+    parser.add_argument("--threads", type=int, default=0, help="inference threads; 0 = cores")
+    args = parser.parse_args()
+    threads = args.threads or (os.cpu_count() or 1)
+
+    import celery
+    import onnxruntime
+    import torch
+
+    load = f" load={os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
+    print(
+        f"# {platform.machine()} cores={os.cpu_count()} torch={torch.__version__} "
+        f"onnxruntime={onnxruntime.__version__} celery={celery.__version__}{load}"
+    )
+    model = args.model if args.model == "opennsfw" else f"{args.model} (look-alike)"
+    print(
+        f"# {model} {args.precision}; {args.images} JPEGs 320-4000 px; batch {args.batch}; "
+        f"max_wait {args.max_wait_ms:g} ms; {threads} inference threads everywhere"
+    )
+    print(
+        f"# queue: `modq worker` (threads pool, {2 * args.batch} task threads); naive: "
+        f"`celery -A bench.naive_worker worker {NAIVE_POOL}`, one task per image, "
+        f"{naive_design(args.model)}\n",
+        flush=True,
+    )
+    fig = Figures()
+    try:
+        run(args, threads, fig)
+    except BenchError as exc:
+        raise SystemExit(f"bench aborted: {exc}") from exc
+    report(args, fig)
+
+
+if __name__ == "__main__":
+    main()
