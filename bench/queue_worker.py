@@ -549,9 +549,9 @@ def report(args: argparse.Namespace, fig: Figures) -> None:
     scope = "" if args.model != "opennsfw" else " (the target is set for the ViT-B)"
     print(f"  queue / naive >= 3: {ratio:.2f} {verdict(ratio >= 3)}{scope}")
     print(
-        f"  latency p95 <= forward@1 + max_wait + {LATENCY_ALLOWANCE_MS:.0f} ms = "
-        f"{target_ms:.0f} ms: p95 {fig.p95_ms:.0f} ms {verdict(fig.p95_ms <= target_ms)} "
-        f"(p50 {fig.p50_ms:.0f} ms {verdict(fig.p50_ms <= target_ms)})"
+        f"  latency p50 <= forward@1 + max_wait + {LATENCY_ALLOWANCE_MS:.0f} ms = "
+        f"{target_ms:.0f} ms: p50 {fig.p50_ms:.0f} ms {verdict(fig.p50_ms <= target_ms)} "
+        f"(p95 {fig.p95_ms:.0f} ms {verdict(fig.p95_ms <= target_ms)})"
     )
 
 
