@@ -56,24 +56,14 @@ def moderate(self: Task, message: Any) -> dict[str, Any]:
         try:
             handled = runtime.service.handle(request, may_retry=may_retry)
         except RetryableError as exc:
-            countdown = backoff_seconds(self.request.retries, settings.retry_backoff_max_s)
-            log.warning(
-                "retrying",
-                error=str(exc),
-                attempt=self.request.retries + 1,
-                countdown=round(countdown, 2),
-            )
             code = exc.error.code if isinstance(exc, TransientFailure) else exc.code
-            metrics.RETRIES.labels(code).inc()
-            raise self.retry(countdown=countdown) from exc
+            raise _retry(self, settings, code, exc) from exc
         except Exception as exc:
             # A bug must not ack a message without an answer: retry it like a transient
             # failure, and when retries run out publish an ``internal`` error result.
             log.exception("unexpected error", attempt=self.request.retries + 1)
             if may_retry:
-                metrics.RETRIES.labels(InternalError.code).inc()
-                countdown = backoff_seconds(self.request.retries, settings.retry_backoff_max_s)
-                raise self.retry(countdown=countdown) from exc
+                raise _retry(self, settings, InternalError.code, exc) from exc
             handled = runtime.service.fail(request, InternalError(f"internal error: {exc!r}"))
         _dead_letter(self, settings, message, handled)
         result = handled.result
@@ -87,6 +77,21 @@ def moderate(self: Task, message: Any) -> dict[str, Any]:
             republished=handled.republished,
         )
     return {"request_id": request.request_id, "status": handled.result.status.value}
+
+
+def _retry(task: Task, settings: Settings, code: str, exc: Exception) -> Exception:
+    """Schedule the next attempt with capped backoff; returns the exception to raise."""
+    countdown = backoff_seconds(task.request.retries, settings.retry_backoff_max_s)
+    log.warning(
+        "retrying",
+        code=code,
+        error=str(exc),
+        attempt=task.request.retries + 1,
+        countdown=round(countdown, 2),
+    )
+    metrics.RETRIES.labels(code).inc()
+    retry: Exception = task.retry(countdown=countdown)
+    return retry
 
 
 def _reject_invalid(
