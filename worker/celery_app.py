@@ -32,7 +32,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     return {
         "broker_url": settings.broker_url,
         "broker_connection_retry_on_startup": True,
-        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        "broker_transport_options": {
+            **settings.broker_transport_options,
+            "visibility_timeout": settings.visibility_timeout_s,
+        },
         "result_backend": None,  # results go to each request's callback, not to Celery
         "task_ignore_result": True,
         "task_serializer": "json",
@@ -48,9 +51,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             DEAD_LETTER_TASK: {"queue": settings.dead_letter_queue},
         },
         "worker_prefetch_multiplier": settings.prefetch_multiplier,
-        # With late acks, a lost broker connection must not leave tasks running whose
-        # messages the broker will hand to someone else.
-        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # Tasks keep running through a lost broker connection: the threads pool cannot
+        # cancel them (Celery's cancel raises NotImplementedError there and the worker
+        # dies), and a message handed out again meanwhile is harmless, because the first
+        # stored result wins and quarantine moves are idempotent.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "worker_send_task_events": True,  # Flower
         "task_send_sent_event": True,
         "worker_hijack_root_logger": False,

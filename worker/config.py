@@ -65,9 +65,17 @@ class Settings(BaseSettings):
     prefetch_multiplier: int = Field(1, ge=1)
     task_time_limit_s: int = Field(300, ge=1, description="hard limit of one task")
     visibility_timeout_s: int = Field(3600, ge=1, description="Redis broker visibility timeout")
+    broker_transport_options: dict[str, int | float | str | bool] = Field(
+        default_factory=dict,
+        description="extra kombu transport options as JSON, e.g. "
+        '{"unacked_restore_interval": 1}; visibility_timeout comes from its own setting',
+    )
     max_retries: int = Field(8, ge=0)
     retry_backoff_max_s: int = Field(120, ge=1)
     metrics_port: int = Field(9808, ge=0, le=65535, description="Prometheus port; 0 = off")
+    malloc_arenas: int = Field(
+        2, ge=0, description="glibc malloc arenas of `modq worker` (MALLOC_ARENA_MAX); 0 = glibc's"
+    )
 
     # -- storage ----------------------------------------------------------------------------
     allowed_roots: CommaList = Field(

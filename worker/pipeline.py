@@ -175,9 +175,12 @@ class Pipeline:
         *,
         policy: Policy | None = None,
         embed: bool | None = None,
+        act: bool = True,
     ) -> ModerationResult:
         """Moderate one image. ``policy`` and ``embed`` override the pipeline's own for this
-        request. Failures come back as error results carrying their stable code."""
+        request; with ``act=False`` the verdict's quarantine action is left to a later
+        ``apply_action`` (queue mode records the result first). Failures come back as error
+        results carrying their stable code."""
         request_id = request_id or uuid.uuid4().hex
         clock = Clock()
         metrics.IN_FLIGHT.inc()
@@ -188,6 +191,7 @@ class Pipeline:
                 clock,
                 policy or self.policy,
                 self.options.embed if embed is None else embed,
+                act,
             )
         except ModqError as exc:
             return self._error(ref, request_id, clock, exc.code, str(exc), exc.retryable)
@@ -212,7 +216,7 @@ class Pipeline:
                 yield from (f.result() for f in done)
 
     def _process(
-        self, ref: str, request_id: str, clock: Clock, policy: Policy, embed: bool
+        self, ref: str, request_id: str, clock: Clock, policy: Policy, embed: bool, act: bool
     ) -> ModerationResult:
         data = self.store.read(ref, self.options.limits.max_bytes)
         sha256 = sha256_hex(data)
@@ -221,9 +225,8 @@ class Pipeline:
         metrics.CACHE_OUTCOMES.labels(found.outcome.value).inc()
         scores = found.scores
         verdict = policy.decide(scores.nsfw_score)
-        action = self._act(ref, request_id, sha256, verdict, scores)
         metrics.VERDICTS.labels(verdict.value).inc()
-        return ModerationResult(
+        result = ModerationResult(
             request_id=request_id,
             image=ref,
             status=Status.OK,
@@ -236,10 +239,11 @@ class Pipeline:
             model=self._model,
             cache=CacheInfo(outcome=found.outcome, distance=found.distance),
             hashes=found.hashes,
-            action=action,
+            action=ActionInfo(kind="none"),
             timings=clock.timings(found.infer_ms),
             embedding=None if found.embedding is None else [float(v) for v in found.embedding],
         )
+        return self._with_action(result) if act else result
 
     def _lookup(
         self, data: bytes, sha256: str, clock: Clock, policy: Policy, embed: bool
@@ -331,23 +335,48 @@ class Pipeline:
         except CacheUnavailable as exc:
             log.warning("cache unavailable; result not cached", error=str(exc))
 
-    def _act(
-        self, ref: str, request_id: str, sha256: str, verdict: Verdict, scores: Scores
-    ) -> ActionInfo:
-        if verdict is not Verdict.BLOCK or self.quarantine is None:
-            return ActionInfo(kind="none")
-        if not self.quarantine.handles(ref):
-            # Read-only sources (http(s)://): the caller owns the image; the verdict says it.
-            return ActionInfo(kind="none")
-        kind = _ACTION_KINDS[self.quarantine.action]
+    def action_pending(self, result: ModerationResult) -> bool:
+        """Whether ``result``'s verdict calls for a quarantine action not yet taken."""
+        quarantine = self.quarantine
+        return (
+            result.verdict is Verdict.BLOCK
+            and result.hashes is not None
+            and (result.action is None or result.action.kind == "none")
+            and quarantine is not None
+            and quarantine.handles(result.image)
+        )
+
+    def moves_source(self, result: ModerationResult) -> bool:
+        """Whether ``apply_action`` would take the image away from its source."""
+        return self.action_pending(result) and getattr(self.quarantine, "action", "") == "move"
+
+    def apply_action(self, result: ModerationResult) -> ModerationResult:
+        """Carry out the quarantine action ``result``'s verdict calls for. Idempotent: run
+        again after a crash, it finishes what the first run began and returns the same
+        result. Failures come back as error results."""
+        try:
+            return self._with_action(result)
+        except ModqError as exc:
+            failed = self._error(
+                result.image, result.request_id, Clock(), exc.code, str(exc), exc.retryable
+            )
+            return failed.model_copy(update={"metadata": result.metadata})
+
+    def _with_action(self, result: ModerationResult) -> ModerationResult:
+        # Read-only sources (http(s)://) are never acted on: the caller owns the image.
+        quarantine = self.quarantine
+        if not self.action_pending(result) or quarantine is None or result.hashes is None:
+            return result
         record = {
-            "request_id": request_id,
-            "verdict": verdict.value,
-            "nsfw_score": scores.nsfw_score,
-            "scores": scores.probabilities,
+            "request_id": result.request_id,
+            "verdict": Verdict.BLOCK.value,  # action_pending: only blocks are acted on
+            "nsfw_score": result.nsfw_score,
+            "scores": result.scores,
             "model": self._model.model_dump(),
         }
-        return ActionInfo(kind=kind, location=self.quarantine.apply(ref, sha256, record))
+        location = quarantine.apply(result.image, result.hashes.sha256, record)
+        action = ActionInfo(kind=_ACTION_KINDS[quarantine.action], location=location)
+        return result.model_copy(update={"action": action})
 
     def _error(
         self, ref: str, request_id: str, clock: Clock, code: str, message: str, retryable: bool

@@ -1,16 +1,18 @@
 """One moderation request, start to finish, with the delivery rules of queue mode.
 
-    request ─▶ stored result? ──yes──────────────────────────────┐ (a re-delivery)
-                  │ no                                            ▼
-                  └─▶ pipeline ─▶ retry? ─▶ store once ─▶ publish to the callback ─▶ done
-                                                                  │ error result or
-                                                                  ▼ undeliverable
-                                                             dead letter
+    request ─▶ stored result? ──yes─────────────────────┐ (a re-delivery)
+                  │ no                                   ▼
+                  └─▶ pipeline ─▶ retry? ─▶ store once ─▶ quarantine ─▶ publish ─▶ done
+                                                                          │ error result or
+                                                                          ▼ undeliverable
+                                                                     dead letter
 
-The result is stored (first writer wins) before it is published, so a re-delivered request
-re-publishes the same result and repeats no side effect; quarantine actions are idempotent on
-their own. Knows nothing of Celery: the task maps ``RetryableError`` to a retry and returns
-(acks) only after ``handle`` has published.
+The verdict is stored (first writer wins) before the source is touched and before anything
+is published, so a re-delivered request publishes the same result and repeats no work: the
+quarantine action runs again, and being idempotent it only finishes what a crash cut short
+(a source already moved is found in quarantine, not reported missing). Knows nothing of
+Celery: the task maps ``RetryableError`` to a retry and returns (acks) only after
+``handle`` has published.
 """
 
 from __future__ import annotations
@@ -76,19 +78,42 @@ class ModerationService:
         """Moderate ``request`` and publish its one result. Raises ``RetryableError`` when a
         retry may still help and ``may_retry``; otherwise every outcome is published."""
         stored = self._stored(request.request_id)
-        if stored is not None:
+        republished = stored is not None
+        if stored is None:
+            assessed = self._moderate(request)
+            if assessed.error is not None and assessed.error.retryable and may_retry:
+                raise TransientFailure(assessed.error)
+            stored = self._store(assessed, may_retry)
+        else:
             log.info("re-delivery: publishing the stored result", request_id=request.request_id)
-            return self._publish(request, stored, may_retry, republished=True)
-        result = self._moderate(request)
-        if result.error is not None and result.error.retryable and may_retry:
-            raise TransientFailure(result.error)
-        return self._publish(request, self._store(result), may_retry, republished=False)
+        result = self._act(stored, may_retry)
+        return self._publish(request, result, may_retry, republished=republished)
+
+    def _act(self, stored: ModerationResult, may_retry: bool) -> ModerationResult:
+        """Take the verdict's quarantine action, unless a delivery before took it. Idempotent:
+        after a crash it finishes what the first delivery began and gives the same result,
+        which then replaces the stored one, so a later re-delivery leaves the source alone."""
+        if not self.pipeline.action_pending(stored):
+            return stored
+        result = self.pipeline.apply_action(stored)
+        if result.error is not None:
+            if result.error.retryable and may_retry:
+                raise TransientFailure(result.error)
+            return result
+        if self.results is not None:
+            try:
+                self.results.replace(result.request_id, result.model_dump_json())
+            except CacheUnavailable as exc:
+                log.warning(
+                    "result store unavailable", request_id=result.request_id, error=str(exc)
+                )
+        return result
 
     def fail(self, request: ModerationRequest, exc: PermanentError) -> Handled:
         """Publish an error result for a request that cannot be moderated at all."""
         result = error_result(request.request_id, request.image, exc.code, str(exc))
         result = result.model_copy(update={"metadata": request.metadata})
-        return self._publish(request, self._store(result), False, republished=False)
+        return self._publish(request, self._store(result, False), False, republished=False)
 
     def _moderate(self, request: ModerationRequest) -> ModerationResult:
         try:
@@ -97,7 +122,7 @@ class ModerationService:
             result = error_result(request.request_id, request.image, exc.code, str(exc))
         else:
             result = self.pipeline.process(
-                request.image, request.request_id, policy=policy, embed=request.embed
+                request.image, request.request_id, policy=policy, embed=request.embed, act=False
             )
         return result.model_copy(update={"metadata": request.metadata})
 
@@ -122,14 +147,19 @@ class ModerationService:
             return None
         return None if text is None else ModerationResult.model_validate_json(text)
 
-    def _store(self, result: ModerationResult) -> ModerationResult:
+    def _store(self, result: ModerationResult, may_retry: bool) -> ModerationResult:
         """Keep the result so a re-delivery re-publishes it; when a racing delivery stored one
-        first, that one is the result."""
+        first, that one is the result. A source is never moved without this record while a
+        retry can still wait for the store: a re-delivery would find the image gone."""
         if self.results is None:
             return result
         try:
             text = self.results.put_if_absent(result.request_id, result.model_dump_json())
         except CacheUnavailable as exc:
+            if may_retry and self.pipeline.moves_source(result):
+                raise TransientFailure(
+                    ErrorInfo(code=exc.code, message=str(exc), retryable=True)
+                ) from exc
             log.warning("result store unavailable", request_id=result.request_id, error=str(exc))
             return result
         return ModerationResult.model_validate_json(text)

@@ -10,6 +10,7 @@ from typing import Any
 
 import structlog
 from celery import Task, shared_task
+from celery.exceptions import Reject
 from celery.signals import worker_init, worker_shutdown
 from pydantic import ValidationError
 
@@ -90,7 +91,16 @@ def _retry(task: Task, settings: Settings, code: str, exc: Exception) -> Excepti
         countdown=round(countdown, 2),
     )
     metrics.RETRIES.labels(code).inc()
-    retry: Exception = task.retry(countdown=countdown)
+    try:
+        retry: Exception = task.retry(countdown=countdown)
+    except Reject as exc:
+        # Celery rejects the message *without* requeue when it cannot publish the retry
+        # (the broker is down or still loading): that would drop the request. Requeue it
+        # instead; if even the reject cannot reach the broker, the message stays unacked
+        # and comes back after the visibility timeout.
+        log.warning("retry not published; requeueing the message", error=str(exc.reason))
+        requeue: Exception = Reject(exc.reason, requeue=True)
+        return requeue
     return retry
 
 

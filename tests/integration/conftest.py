@@ -66,7 +66,12 @@ class WorkerFactory:
     def cache_url(self) -> str:
         return f"redis://127.0.0.1:{self.redis.port}/{self.db + 1}"
 
-    def __call__(self, env: dict[str, str], args: tuple[str, ...] = ()) -> WorkerProcess:
+    def __call__(
+        self,
+        env: dict[str, str],
+        args: tuple[str, ...] = (),
+        launcher: tuple[str, ...] | None = None,
+    ) -> WorkerProcess:
         base = {
             "MODQ_BROKER_URL": self.broker_url,
             "MODQ_CACHE_URL": self.cache_url,
@@ -79,12 +84,12 @@ class WorkerFactory:
             "AWS_DEFAULT_REGION": CREDENTIALS["region_name"],
         }
         log = self.folder / f"worker-{len(self.started)}.log"
-        worker = WorkerProcess({**base, **env}, log, args)
+        worker = WorkerProcess({**base, **env}, log, args, launcher)
         self.started.append(worker)
         return worker.start()
 
 
-_dbs = iter(range(2, 16, 2))
+_dbs = iter(range(2, 64, 2))  # the test redis-server has 64 databases
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ gone from their source, duplicates must come from the cache, errors must carry t
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import time
 import uuid
@@ -23,10 +22,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from tests.integration.conftest import WorkerFactory
-from tests.support.corpus import EXAMPLES
+from tests.support.images import distinct_images, reference_scores
 from tests.support.receivers import (
     RESULT_QUEUE,
     SECRET,
@@ -40,29 +38,8 @@ from tests.support.s3_server import S3Server
 from worker.client import Client
 from worker.config import Settings
 from worker.messages import CacheOutcome, ModerationResult, Status, Verdict
-from worker.models.precision import load_model
-from worker.pipeline import Pipeline, PipelineOptions
-from worker.policy import Policy
-from worker.storage import MemoryStore
 
 pytestmark = pytest.mark.integration
-
-
-def distinct_images(count: int, seed: int) -> list[bytes]:
-    """``count`` different JPEGs: crops of the example photos at varied places and sizes."""
-    photos = [Image.open(p).convert("RGB") for p in sorted(EXAMPLES.glob("*.jpg"))]
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(count):
-        photo = photos[i % len(photos)]
-        w, h = photo.size
-        side = int(rng.integers(min(w, h) // 3, min(w, h)))
-        x, y = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
-        crop = photo.crop((x, y, x + side, y + side)).resize((224 + 8 * (i % 8),) * 2)
-        buffer = io.BytesIO()
-        crop.save(buffer, "JPEG", quality=85)
-        out.append(buffer.getvalue())
-    return out
 
 
 @pytest.fixture
@@ -81,19 +58,6 @@ class Sent:
     duplicate: bool = False
 
 
-def _reference_scores(contents: list[bytes]) -> dict[str, float]:
-    """open_nsfw scores of each content in-process: what the worker must reproduce."""
-    backend = load_model("opennsfw", "cpu", "fp32", 0, Path("/nonexistent"))
-    store = MemoryStore({f"mem://{i}": data for i, data in enumerate(contents)})
-    never = Policy("never", 1.0, 1.0)
-    with Pipeline(backend, store, never, options=PipelineOptions(max_wait_ms=2)) as pipeline:
-        results = {i: pipeline.process(f"mem://{i}") for i in range(len(contents))}
-    return {
-        hashlib.sha256(contents[i]).hexdigest(): float(r.nsfw_score or 0.0)
-        for i, r in results.items()
-    }
-
-
 def test_two_hundred_requests_each_answered_once(
     tmp_path: Path, s3_moto: S3Server, http_side: HttpSide, start_worker: WorkerFactory
 ) -> None:
@@ -110,7 +74,7 @@ def test_two_hundred_requests_each_answered_once(
     s3_images = distinct_images(40, seed=1)
     file_images = distinct_images(40, seed=2)
     http_images = distinct_images(10, seed=3)
-    scores = _reference_scores(s3_images + file_images + http_images)
+    scores = reference_scores(s3_images + file_images + http_images)
     block_at = float(np.median(list(scores.values())))
     policy_file = tmp_path / "policy.json"
     policy_file.write_text(json.dumps({"name": "e2e", "review_at": block_at, "block_at": block_at}))

@@ -22,7 +22,6 @@ from tests.integration.conftest import WorkerFactory
 from tests.support.receivers import STREAM, Collector, HttpSide, drain, https_side
 from tests.support.redis_server import free_port
 from tests.support.s3_server import S3Server
-from worker.celery_app import MODERATE_TASK, create_app
 from worker.client import Client
 from worker.config import Settings
 from worker.messages import CacheOutcome, Status
@@ -104,33 +103,6 @@ def test_with_the_cache_redis_unreachable_the_worker_keeps_classifying(
         assert result.status is Status.OK and result.cache is not None
         assert result.cache.outcome is CacheOutcome.MISS
     assert "cache unavailable" in worker.log()
-
-
-def test_invalid_and_pickled_messages_are_answered_or_refused_and_the_worker_survives(
-    start_worker: WorkerFactory, tmp_path: Path
-) -> None:
-    images = tmp_path / "images"
-    images.mkdir()
-    (images / "ok.jpg").write_bytes(_jpeg(20))
-    worker = start_worker({"MODQ_ALLOWED_ROOTS": str(images)})
-    collector = Collector(start_worker.broker_url)
-    app = create_app(Settings(broker_url=start_worker.broker_url))
-    # A request missing its image, with a valid callback: an error result comes back.
-    app.send_task(MODERATE_TASK, args=[{"request_id": "bad-1", "callback": CALLBACK}])
-    # A pickled message: refused before anything reads it.
-    app.send_task(MODERATE_TASK, args=[{"request_id": "pickled"}], serializer="pickle")
-    app.send_task(MODERATE_TASK, args=["not an object"])
-    with Client(Settings(broker_url=start_worker.broker_url)) as client:
-        client.submit((images / "ok.jpg").as_uri(), request_id="after", callback=CALLBACK)
-    collector.wait_for(2, timeout=60)
-    [bad] = collector.results["bad-1"]
-    assert bad.error is not None and bad.error.code == "invalid_request"
-    assert collector.results["after"][0].status is Status.OK
-    assert "pickled" not in collector.results
-    assert "untrusted content" in worker.log() or "pickle" in worker.log()
-    reasons = sorted(d[0][0]["reason"] for d in drain(start_worker.broker_url, "modq.dead"))
-    assert reasons == ["invalid_request", "invalid_request"]
-    app.close()
 
 
 def test_modq_submit_pages_through_a_bucket_and_the_worker_reports_metrics_and_logs(

@@ -36,6 +36,10 @@ class HttpSide:
     #: per path: how many more GETs answer 503 before the image is served
     failures: dict[str, int] = field(default_factory=dict)
     gets: list[str] = field(default_factory=list)
+    #: how many more webhook POSTs answer 503 (the endpoint is down) before one is taken
+    post_failures: int = 0
+    #: monotonic time of every POST, taken or refused
+    post_times: list[float] = field(default_factory=list)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -43,6 +47,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.side.post_times.append(time.monotonic())
+        if self.side.post_failures > 0:
+            self.side.post_failures -= 1
+            self._answer(503, b"")
+            return
         self.side.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
         self.send_response(200)
         self.send_header("Content-Length", "0")

@@ -1,6 +1,7 @@
 """A real ``redis-server`` the tests own, so they can kill it, hang it and start it again.
 
-It listens on a free loopback port (never the machine's own Redis), persists nothing, and keeps
+It listens on a free loopback port (never the machine's own Redis), persists nothing unless
+asked to be durable (append-only file, fsync always), and keeps
 its port across restarts, which is what a Redis restart looks like to a worker.
 """
 
@@ -33,7 +34,7 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, *, durable: bool = False) -> None:
         binary = redis_server_binary()
         if binary is None:
             raise RuntimeError("redis-server is not on PATH")
@@ -42,7 +43,16 @@ class RedisServer:
         self.port = port or free_port()
         if self.port == _DEFAULT_PORT:
             raise ValueError("refusing the default Redis port: it belongs to the machine")
+        self.durable = durable
         self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def persistence(self) -> list[str]:
+        """A durable server writes every command to its append-only file before answering
+        (what a broker that must not lose a message needs), so a kill -9 loses nothing."""
+        if not self.durable:
+            return ["--save", "", "--appendonly", "no"]
+        return ["--save", "", "--appendonly", "yes", "--appendfsync", "always"]
 
     @property
     def url(self) -> str:
@@ -61,11 +71,11 @@ class RedisServer:
                 self.binary,
                 "--port", str(self.port),
                 "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
                 "--dir", str(self.workdir),
                 "--logfile", str(self.log_path),
                 "--daemonize", "no",
+                "--databases", "64",  # one pair per worker test
+                *self.persistence,
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,

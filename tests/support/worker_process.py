@@ -12,7 +12,9 @@ from pathlib import Path
 
 import httpx
 
-__all__ = ["WorkerProcess", "free_port"]
+__all__ = ["ROOT", "WorkerProcess", "free_port"]
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -23,9 +25,18 @@ def free_port() -> int:
 
 class WorkerProcess:
     """``modq worker`` with ``env`` on top of a clean copy of this environment; ready once its
-    metrics endpoint answers and the worker said it is ready (the model is loaded)."""
+    metrics endpoint answers and the worker said it is ready (the model is loaded).
 
-    def __init__(self, env: dict[str, str], log_path: Path, args: tuple[str, ...] = ()) -> None:
+    ``launcher`` replaces the ``modq`` executable, e.g. ``(python, "-m",
+    "tests.support.crash_worker", …)`` to run the same worker with a crash injected."""
+
+    def __init__(
+        self,
+        env: dict[str, str],
+        log_path: Path,
+        args: tuple[str, ...] = (),
+        launcher: tuple[str, ...] | None = None,
+    ) -> None:
         self.metrics_port = free_port()
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("MODQ_")},
@@ -35,13 +46,16 @@ class WorkerProcess:
         }
         self.log_path = log_path
         self.args = args
+        self.launcher = launcher or (str(Path(sys.executable).with_name("modq")),)
         self.process: subprocess.Popen[bytes] | None = None
+        self._log_start = 0
 
     def start(self, timeout: float = 120.0) -> WorkerProcess:
-        modq = Path(sys.executable).with_name("modq")
         self._log = self.log_path.open("ab")
+        self._log_start = self._log.tell()  # a restart must not be ready on the old log
         self.process = subprocess.Popen(
-            [str(modq), "worker", *self.args],
+            [*self.launcher, "worker", *self.args],
+            cwd=ROOT,
             env=self.env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -56,7 +70,7 @@ class WorkerProcess:
             assert self.process is not None
             if self.process.poll() is not None:
                 raise RuntimeError(f"worker exited with {self.process.returncode}:\n{self.log()}")
-            if "ready." in self.log() and self._metrics_up():
+            if "ready." in self.log(since_start=True) and self._metrics_up():
                 return
             time.sleep(0.2)
         raise TimeoutError(f"worker not ready after {timeout} s:\n{self.log()}")
@@ -70,15 +84,39 @@ class WorkerProcess:
     def metrics(self) -> str:
         return httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics").text
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+    def log(self, since_start: bool = False) -> str:
+        if not self.log_path.exists():
+            return ""
+        with self.log_path.open("rb") as log:
+            log.seek(self._log_start if since_start else 0)
+            return log.read().decode(errors="replace")
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def rss_mb(self) -> float:
+        """Resident memory of the worker process now, from /proc."""
+        assert self.process is not None
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        [line] = [row for row in status.splitlines() if row.startswith("VmRSS:")]
+        return int(line.split()[1]) / 1024
 
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM (Celery's warm shutdown) and wait; returns the exit code."""
         return self._signal(signal.SIGTERM, timeout)
 
     def kill(self) -> int:
+        """SIGKILL, as the OOM killer or a lost node would: no shutdown code runs."""
         return self._signal(signal.SIGKILL, 10.0)
+
+    def wait(self, timeout: float) -> int:
+        """Wait for a process that ends by itself (an injected crash)."""
+        assert self.process is not None
+        code = self.process.wait(timeout)
+        self._log.close()
+        self.process = None
+        return code
 
     def _signal(self, sig: signal.Signals, timeout: float) -> int:
         if self.process is None:

@@ -448,6 +448,13 @@ def test_the_first_stored_result_is_the_one_kept(results: ResultStore) -> None:
     assert results.get("req-2") is None
 
 
+def test_a_finished_action_replaces_the_stored_result(results: ResultStore) -> None:
+    results.put_if_absent("req-1", '{"action": "none"}')
+    results.replace("req-1", '{"action": "quarantine_move"}')
+    assert results.get("req-1") == '{"action": "quarantine_move"}'
+    assert results.put_if_absent("req-1", '{"action": "none"}') == '{"action": "quarantine_move"}'
+
+
 def test_racing_deliveries_all_publish_one_result(results: ResultStore) -> None:
     start = threading.Barrier(8)
     seen: list[str] = []

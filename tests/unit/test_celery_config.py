@@ -66,3 +66,26 @@ def test_the_client_validates_before_sending() -> None:
         client.request("ftp://host/a.jpg")
     request = client.request("s3://b/k.jpg", callback="redis-stream://out", metadata={"a": "b"})
     assert request.request_id and request.callback == "redis-stream://out"
+
+
+def test_transport_options_come_from_the_environment_as_json(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(
+        "MODQ_BROKER_TRANSPORT_OPTIONS",
+        '{"unacked_restore_interval": 1, "visibility_timeout": 5}',
+    )
+    monkeypatch.setenv("MODQ_VISIBILITY_TIMEOUT_S", "900")
+    options = create_app(Settings()).conf.broker_transport_options
+    # The visibility timeout has its own, checked setting: the JSON cannot undercut it.
+    assert options == {"unacked_restore_interval": 1, "visibility_timeout": 900}
+
+
+def test_malloc_arenas_are_capped_on_glibc() -> None:
+    import platform
+
+    from worker.cli_queue import limit_malloc_arenas
+
+    assert limit_malloc_arenas(0) is False
+    if platform.libc_ver()[0] == "glibc":
+        assert limit_malloc_arenas(2) is True

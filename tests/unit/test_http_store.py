@@ -6,7 +6,9 @@ Hostnames come from an injected resolver, so a test decides where each name "res
 
 from __future__ import annotations
 
+import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -28,12 +30,15 @@ from worker.errors import (
 from worker.storage import HttpStore, NetworkGuard
 
 IMAGE = b"\xff\xd8\xff\xe0 an image " + bytes(range(256)) * 40
+ENDLESS_BYTES = 64 * 1024 * 1024
 LOCAL = ("127.0.0.1/32",)
 
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     seen: list[tuple[str, dict[str, str]]]
+    #: bytes of body each streaming route wrote before the client hung up
+    sent: dict[str, int]
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         pass  # clients hang up early on purpose (caps, refused certificates)
@@ -79,6 +84,22 @@ class _Handler(BaseHTTPRequestHandler):
         target = parse_qs(urlsplit(self.path).query)["to"][0]
         self.reply(302, Location=target)
 
+    def endless(self) -> None:
+        """A chunked body of ``ENDLESS_BYTES``, written until the client hangs up."""
+        sent = 0
+        chunk = IMAGE * 6
+        try:
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            while sent < ENDLESS_BYTES:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                sent += len(chunk)
+        except OSError:
+            pass
+        finally:
+            self.server.sent[self.path] = sent
+
     def slow(self) -> None:
         threading.Event().wait(1.0)
         self.reply(200, IMAGE)
@@ -87,6 +108,7 @@ class _Handler(BaseHTTPRequestHandler):
 _Handler.routes = {
     "/img": _Handler.image,
     "/chunked": _Handler.chunked,
+    "/endless": _Handler.endless,
     "/redirect": _Handler.redirect,
     "/loop": lambda handler: handler.reply(302, Location="/loop"),
     "/gzip": lambda handler: handler.reply(200, IMAGE, Content_Encoding="gzip"),
@@ -103,6 +125,7 @@ _Handler.routes = {
 def _serve(wrap: Callable[[_Server], None] | None = None) -> Iterator[_Server]:
     server = _Server(("127.0.0.1", 0), _Handler)
     server.seen = []
+    server.sent = {}
     if wrap is not None:
         wrap(server)
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
@@ -333,3 +356,132 @@ def test_connection_refused_is_retryable(store: HttpStore) -> None:
 
 def test_client_is_created_on_first_read() -> None:
     assert _store({})._client is None
+
+
+# --- no connection is even attempted -------------------------------------------------------
+
+
+class _ConnectSpy:
+    """Records every ``socket.connect``/``connect_ex`` in this process. ``refuse`` makes each
+    fail without touching the network; otherwise the real call goes ahead."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, refuse: bool = True) -> None:
+        self.calls: list[Any] = []
+        real_connect = socket.socket.connect
+
+        def connect(sock: socket.socket, address: Any) -> Any:
+            self.calls.append(address[:2])
+            if refuse:
+                raise ConnectionRefusedError(111, "refused by the test's connect spy")
+            return real_connect(sock, address)
+
+        def connect_ex(sock: socket.socket, address: Any) -> int:
+            self.calls.append(address[:2])
+            return 111
+
+        monkeypatch.setattr(socket.socket, "connect", connect)
+        monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
+
+
+@pytest.fixture
+def connects(monkeypatch: pytest.MonkeyPatch) -> _ConnectSpy:
+    return _ConnectSpy(monkeypatch)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1/a.jpg",
+        "https://127.0.0.1/a.jpg",
+        "http://[::1]/a.jpg",
+        "https://[::1]:8443/a.jpg",
+        "http://10.0.0.1/a.jpg",
+        "http://172.16.0.1/a.jpg",
+        "http://192.168.1.1/a.jpg",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[::ffff:169.254.169.254]/latest/meta-data/",
+        "http://[fd00::1]/a.jpg",
+        "http://100.64.0.1/a.jpg",
+        "http://0.0.0.0/a.jpg",
+        "http://2130706433/a.jpg",  # 127.0.0.1 as one number
+        "http://127.1/a.jpg",
+        "http://0x7f.1/a.jpg",
+    ],
+)
+def test_a_private_address_is_refused_before_any_connect_call(
+    connects: _ConnectSpy, url: str
+) -> None:
+    store = HttpStore(NetworkGuard(()), timeout_s=2.0)  # the real transport and resolver
+    with pytest.raises(ForbiddenReference):
+        store.read(url, 1 << 20)
+    store.close()
+    assert connects.calls == []
+
+
+def test_the_connect_spy_sees_a_connect_when_the_network_is_allowed(
+    connects: _ConnectSpy,
+) -> None:
+    store = HttpStore(NetworkGuard(("10.0.0.0/8",)), timeout_s=2.0)
+    with pytest.raises(StorageUnavailable):
+        store.read("http://10.0.0.1/a.jpg", 1 << 20)
+    store.close()
+    assert connects.calls == [("10.0.0.1", 80)]
+
+
+@pytest.mark.parametrize(
+    "answers",
+    [["10.0.0.1"], ["169.254.169.254"], ["fd00::1"], ["93.184.216.34", "192.168.1.1"]],
+    ids=["10/8", "metadata", "ula", "public-and-private"],
+)
+def test_a_name_resolving_to_a_private_address_makes_no_connect_call(
+    connects: _ConnectSpy, answers: list[str]
+) -> None:
+    store = HttpStore(NetworkGuard((), resolver=lambda host, port: answers), timeout_s=2.0)
+    with pytest.raises(ForbiddenReference):
+        store.read("https://evil.test/a.jpg", 1 << 20)
+    store.close()
+    assert connects.calls == []
+
+
+def test_localhost_through_the_system_resolver_makes_no_connect_call(
+    connects: _ConnectSpy,
+) -> None:
+    store = HttpStore(NetworkGuard(()), timeout_s=2.0)
+    with pytest.raises(ForbiddenReference, match="localhost resolves to"):
+        store.read("http://localhost/a.jpg", 1 << 20)
+    store.close()
+    assert connects.calls == []
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "http://[::1]:{port}/img",
+        "http://127.0.0.2:{port}/img",
+        "http://10.0.0.1/img",
+        "http://169.254.169.254/latest/meta-data/",
+        "//[::1]:{port}/img",
+    ],
+)
+def test_a_redirect_to_a_private_address_connects_only_to_the_first_host(
+    server: _Server, port: int, target: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = _store({"images.test": "127.0.0.1"})
+    location = target.format(port=port)
+    spy = _ConnectSpy(monkeypatch, refuse=False)
+    with pytest.raises(ForbiddenReference):
+        store.read(f"http://images.test:{port}/redirect?to={location}", 1 << 20)
+    store.close()
+    assert spy.calls == [("127.0.0.1", port)]
+
+
+def test_an_oversize_stream_is_cut_off_near_the_cap(store: HttpStore, server: _Server) -> None:
+    cap = 1 << 20
+    port = server.server_address[1]
+    with pytest.raises(ImageTooLarge):
+        store.read(f"http://images.test:{port}/endless", cap)
+    deadline = time.monotonic() + 30
+    while "/endless" not in server.sent and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # What the server could write: the cap, one read chunk and the socket buffers.
+    assert cap < server.sent["/endless"] < ENDLESS_BYTES // 4

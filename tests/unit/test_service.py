@@ -14,7 +14,7 @@ from PIL import Image
 
 from worker.cache import MemoryResultStore
 from worker.callbacks import MemoryPublisher
-from worker.errors import CallbackFailed, InvalidCallback, StorageUnavailable
+from worker.errors import CacheUnavailable, CallbackFailed, InvalidCallback, StorageUnavailable
 from worker.messages import ModerationRequest, Status, Verdict
 from worker.models.backend import Backend
 from worker.models.factory import create_backend
@@ -197,3 +197,80 @@ def test_a_request_may_only_name_a_configured_policy(
     )
     assert refused.result.error is not None and refused.result.error.code == "invalid_request"
     assert refused.dead_letter == "invalid_request"
+
+
+class DownResults(MemoryResultStore):
+    """A result store whose Redis is unreachable until ``down`` is cleared."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = True
+
+    def get(self, request_id: str) -> str | None:
+        if self.down:
+            raise CacheUnavailable("result store (redis) down")
+        return super().get(request_id)
+
+    def put_if_absent(self, request_id: str, result_json: str) -> str:
+        if self.down:
+            raise CacheUnavailable("result store (redis) down")
+        return super().put_if_absent(request_id, result_json)
+
+
+def _blocking_setup(tmp_path: Path) -> tuple[Path, LocalStore, LocalQuarantine]:
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    source = uploads / "a.jpg"
+    source.write_bytes(_jpeg(2))
+    local = LocalStore([uploads])
+    return source, local, LocalQuarantine(tmp_path / "quarantine", local)
+
+
+def _blocked(source: Path, request_id: str = "req-m") -> ModerationRequest:
+    return ModerationRequest(
+        request_id=request_id, image=file_ref(source), callback=HOOK, policy="block-all"
+    )
+
+
+def test_no_move_without_a_stored_verdict_while_a_retry_can_wait(
+    backend: Backend, tmp_path: Path, publisher: MemoryPublisher
+) -> None:
+    source, local, quarantine = _blocking_setup(tmp_path)
+    results = DownResults()
+    for service in _service(backend, local, publisher, results, quarantine=quarantine):
+        with pytest.raises(TransientFailure, match="cache_unavailable"):
+            service.handle(_blocked(source), may_retry=True)
+        assert source.exists() and publisher.published == []
+        results.down = False
+        handled = service.handle(_blocked(source), may_retry=True)
+    assert handled.result.action is not None and handled.result.action.kind == "quarantine_move"
+    assert not source.exists()
+
+
+def test_on_the_last_attempt_a_block_is_moved_even_without_the_store(
+    backend: Backend, tmp_path: Path, publisher: MemoryPublisher
+) -> None:
+    source, local, quarantine = _blocking_setup(tmp_path)
+    for service in _service(backend, local, publisher, DownResults(), quarantine=quarantine):
+        handled = service.handle(_blocked(source), may_retry=False)
+    assert handled.result.action is not None and handled.result.action.kind == "quarantine_move"
+    assert not source.exists()
+
+
+def test_a_crash_after_the_verdict_was_stored_is_finished_by_the_redelivery(
+    backend: Backend, tmp_path: Path, publisher: MemoryPublisher
+) -> None:
+    source, local, quarantine = _blocking_setup(tmp_path)
+    results = MemoryResultStore()
+    for service in _service(backend, local, publisher, results, quarantine=quarantine):
+        # The first delivery stored its verdict and died before the move.
+        assessed = service.pipeline.process(file_ref(source), "req-c", policy=BLOCK_ALL, act=False)
+        results.put_if_absent("req-c", assessed.model_dump_json())
+        assert source.exists()
+        handled = service.handle(_blocked(source, "req-c"), may_retry=True)
+        again = service.handle(_blocked(source, "req-c"), may_retry=True)
+    assert handled.republished and handled.result.action is not None
+    assert handled.result.action.kind == "quarantine_move" and not source.exists()
+    moved = Path(str(handled.result.action.location))
+    assert moved.read_bytes() == _jpeg(2)
+    assert again.result == handled.result  # the stored record now holds the finished move

@@ -36,6 +36,9 @@ class ResultStore(Protocol):
     def put_if_absent(self, request_id: str, result_json: str) -> str:
         """Store ``result_json`` unless a result is stored already; return the stored one."""
 
+    def replace(self, request_id: str, result_json: str) -> None:
+        """Overwrite the stored result (the same verdict, once its action is done)."""
+
 
 def _check_request_id(request_id: str) -> None:
     if not request_id:
@@ -58,6 +61,11 @@ class MemoryResultStore:
         _check_request_id(request_id)
         with self._lock:
             return self._results.setdefault(request_id, result_json)
+
+    def replace(self, request_id: str, result_json: str) -> None:
+        _check_request_id(request_id)
+        with self._lock:
+            self._results[request_id] = result_json
 
 
 class RedisResultStore:
@@ -116,6 +124,10 @@ class RedisResultStore:
 
         stored = self.breaker.call("put", store)
         return result_json if stored is None else _text(stored)
+
+    def replace(self, request_id: str, result_json: str) -> None:
+        key = self._key(request_id)
+        self.breaker.call("replace", lambda: self.client.set(key, result_json, ex=self.ttl_s))
 
 
 def _text(value: object) -> str:

@@ -3,6 +3,10 @@ them, and remote code is never enabled."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import inspect
+import json
 import pickle
 import shutil
 from collections.abc import Callable
@@ -14,7 +18,13 @@ import pytest
 from PIL import Image
 
 import worker
-from tests.unit.models._support import RESOLVE_ERROR_SCRIPT, probability_rows, run_python
+from tests.conftest import Observe
+from tests.unit.models._support import (
+    RESOLVE_ERROR_SCRIPT,
+    probability_rows,
+    require_torch_stack,
+    run_python,
+)
 from worker.errors import ModelError, ModelNotFound, PermanentError, UnsafeWeights
 from worker.models.factory import create_backend
 from worker.models.registry import PRESETS, download_command, resolve
@@ -36,21 +46,40 @@ def test_crashing_pickle_really_crashes() -> None:
         pickle.loads(CRASHING_PICKLE)
 
 
-@pytest.fixture
-def no_unpickling(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Any unpickling attempt during the test fails loudly."""
-
-    def refuse(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("modq tried to unpickle a weights file")
-
-    monkeypatch.setattr(pickle, "load", refuse)
-    monkeypatch.setattr(pickle, "loads", refuse)
-    monkeypatch.setattr(pickle, "Unpickler", refuse)
+def _import_torch_stack() -> Any:
+    """torch, with timm and transformers imported, or None without the ``torch`` extra.
+    torch._dynamo and timm subclass ``pickle.Unpickler`` when first imported, so they must be
+    imported before ``no_unpickling`` swaps that name for a function."""
     try:
         import torch
     except ImportError:
-        return
-    monkeypatch.setattr(torch, "load", refuse)
+        return None
+    from worker.models._torchvision_compat import ensure_torchvision_importable
+
+    ensure_torchvision_importable()
+    for name in ("timm", "transformers"):
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+    return torch
+
+
+@pytest.fixture
+def no_unpickling(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Any unpickling attempt during the test fails loudly; the list records each attempt
+    (so a test can report the count it saw, not assume it)."""
+    attempts: list[str] = []
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        attempts.append(repr(args)[:80])
+        raise AssertionError("modq tried to unpickle a weights file")
+
+    torch = _import_torch_stack()
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", refuse)
+    if torch is not None:
+        monkeypatch.setattr(torch, "load", refuse)
+    return attempts
 
 
 def _write(directory: Path, files: dict[str, bytes]) -> dict[str, bytes]:
@@ -60,34 +89,61 @@ def _write(directory: Path, files: dict[str, bytes]) -> dict[str, bytes]:
     return files
 
 
-@pytest.mark.usefixtures("no_unpickling")
-@pytest.mark.parametrize(
-    "files",
-    [
-        {"pytorch_model.bin": CRASHING_PICKLE},
-        {
-            "config.json": b'{"model_type": "vit", "id2label": {"0": "normal", "1": "nsfw"}}',
-            "pytorch_model.bin": CRASHING_PICKLE,
-            "optimizer.pt": CRASHING_PICKLE,
-        },
-        {"config.json": b"{}", "model.ckpt": CRASHING_PICKLE, "weights.pth": CRASHING_PICKLE},
-    ],
-    ids=["bin-only", "falconsai-pickles-with-config", "ckpt-and-pth"],
-)
-def test_pickle_only_directory_is_refused_unopened(files: dict[str, bytes], tmp_path: Path) -> None:
-    directory = tmp_path / "pickled"
-    written = _write(directory, files)
+# Pickle-only model directories: a bare .bin, Falconsai's hub layout without its safetensors,
+# and .ckpt/.pth. One test runs them all so the reliability table's row covers every layout.
+PICKLE_ONLY_LAYOUTS: dict[str, dict[str, bytes]] = {
+    "bin-only": {"pytorch_model.bin": CRASHING_PICKLE},
+    "falconsai-pickles-with-config": {
+        "config.json": b'{"model_type": "vit", "id2label": {"0": "normal", "1": "nsfw"}}',
+        "pytorch_model.bin": CRASHING_PICKLE,
+        "optimizer.pt": CRASHING_PICKLE,
+    },
+    "ckpt-and-pth": {
+        "config.json": b"{}",
+        "model.ckpt": CRASHING_PICKLE,
+        "weights.pth": CRASHING_PICKLE,
+    },
+}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def _refusal(directory: Path) -> UnsafeWeights:
     with pytest.raises(UnsafeWeights) as info:
         create_backend(str(directory))
-    assert info.value.code == "unsafe_weights"
-    assert isinstance(info.value, ModelError) and isinstance(info.value, PermanentError)
-    assert not info.value.retryable
-    for name in files:
-        if name.endswith((".bin", ".pt", ".pth", ".ckpt")):
-            assert name in str(info.value)
-    # Untouched.
-    for name, data in written.items():
-        assert (directory / name).read_bytes() == data
+    return info.value
+
+
+@pytest.mark.reliability
+def test_pickle_only_directory_is_refused_unopened(
+    no_unpickling: list[str], tmp_path: Path, observe: Observe
+) -> None:
+    refused: dict[str, str] = {}
+    named = 0
+    for layout, files in PICKLE_ONLY_LAYOUTS.items():
+        directory = tmp_path / layout
+        written = _write(directory, files)
+        error = _refusal(directory)
+        assert error.code == "unsafe_weights", layout
+        assert isinstance(error, ModelError) and isinstance(error, PermanentError)
+        assert not error.retryable
+        pickles = [name for name in files if name.endswith(PICKLE_SUFFIXES)]
+        assert all(name in str(error) for name in pickles), (layout, str(error))
+        named += len(pickles)
+        # Untouched.
+        for name, data in written.items():
+            assert (directory / name).read_bytes() == data, (layout, name)
+        refused[layout] = error.code
+    assert no_unpickling == []
+    codes = ", ".join(f"{layout}: `{code}`" for layout, code in refused.items())
+    observe(
+        "model.pickle_only",
+        f"{len(refused)} pickle-only directories refused ({codes}); the error named all "
+        f"{named} pickle files; {len(no_unpickling)} unpickling calls (pickle and torch.load "
+        "patched to record and raise); every file byte-identical afterwards",
+        sent=len(PICKLE_ONLY_LAYOUTS),
+        received=len(refused),
+        lost=len(PICKLE_ONLY_LAYOUTS) - len(refused),
+    )
 
 
 @pytest.mark.usefixtures("no_unpickling")
@@ -172,9 +228,116 @@ def test_download_command_is_exact() -> None:
     )
 
 
-def test_no_worker_file_enables_remote_code() -> None:
+# --- trust_remote_code -----------------------------------------------------------------------
+
+# The transformers classes whose ``from_pretrained`` a load can go through: the auto classes
+# modq calls, and the base classes every concrete config and model class inherits it from.
+TRANSFORMERS_ENTRY_POINTS = (
+    "AutoConfig",
+    "AutoModelForImageClassification",
+    "AutoImageProcessor",
+    "PreTrainedConfig",
+    "PreTrainedModel",
+)
+TRANSFORMERS_PRESETS = ("falconsai", "freepik")  # ViT and timm-wrapper, both via transformers
+
+# Remote code planted in a model directory: importing it leaves a file behind, so the test
+# sees whether it ran even if the import error were swallowed somewhere.
+PLANTED_MODULE = """\
+from pathlib import Path
+Path({sentinel!r}).write_text("planted remote code ran")
+raise ImportError("planted remote code must never run")
+"""
+
+
+def _worker_files_mentioning_remote_code() -> tuple[int, list[str]]:
     root = Path(worker.__file__).resolve().parent
     files = [p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
     assert any(p.name == "torch_backend.py" for p in files)  # the walk found the sources
     offenders = [str(p.relative_to(root)) for p in files if b"trust_remote_code" in p.read_bytes()]
+    return len(files), offenders
+
+
+def test_no_worker_file_enables_remote_code() -> None:
+    _, offenders = _worker_files_mentioning_remote_code()
     assert offenders == []
+
+
+def _with_planted_remote_code(source: Path, directory: Path, sentinel: Path) -> Path:
+    """A copy of a look-alike whose config.json points the auto classes at planted code, as a
+    hostile hub repository would: only ``trust_remote_code=True`` makes transformers run it."""
+    shutil.copytree(source, directory)
+    config = json.loads((directory / "config.json").read_text())
+    config["auto_map"] = {
+        "AutoConfig": "planted.PlantedConfig",
+        "AutoModelForImageClassification": "planted.PlantedModel",
+    }
+    (directory / "config.json").write_text(json.dumps(config))
+    (directory / "planted.py").write_text(PLANTED_MODULE.format(sentinel=str(sentinel)))
+    return directory
+
+
+Call = tuple[str, str, Any]  # entry point, the class it ran for, trust_remote_code as passed
+
+
+def _spy(entry: str, real: Callable[..., Any], calls: list[Call]) -> Callable[..., Any]:
+    def spy(cls: type, /, *args: Any, **kwargs: Any) -> Any:
+        calls.append((entry, cls.__name__, kwargs.get("trust_remote_code", "unset")))
+        return real(cls, *args, **kwargs)
+
+    return spy
+
+
+def _record_from_pretrained(monkeypatch: pytest.MonkeyPatch) -> list[Call]:
+    """Wrap each entry point's ``from_pretrained``, recording every call and calling through
+    to the real one. It stays a classmethod, so a subclass that inherits it keeps its ``cls``."""
+    import transformers
+
+    calls: list[Call] = []
+    for name in TRANSFORMERS_ENTRY_POINTS:
+        owner = getattr(transformers, name)
+        real = inspect.getattr_static(owner, "from_pretrained").__func__
+        monkeypatch.setattr(owner, "from_pretrained", classmethod(_spy(name, real, calls)))
+    return calls
+
+
+@pytest.mark.reliability
+def test_transformers_loads_never_trust_remote_code(
+    tiny_lookalike: Callable[[str], Path],
+    images: list[Image.Image],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    observe: Observe,
+) -> None:
+    """At run time, not only in the source: every transformers load modq makes, through the
+    real factory, passes no ``trust_remote_code=True``, and planted remote code never runs."""
+    require_torch_stack()
+    scanned, offenders = _worker_files_mentioning_remote_code()
+    assert offenders == []
+    sentinel = tmp_path / "planted-code-ran"
+    directories = [
+        _with_planted_remote_code(tiny_lookalike(p), tmp_path / p, sentinel)
+        for p in TRANSFORMERS_PRESETS
+    ]
+    calls = _record_from_pretrained(monkeypatch)
+    backends = [create_backend(str(directory)) for directory in directories]
+    # The loads really went through the wrapped entry points (else the check says nothing).
+    entry_points = {entry for entry, _, _ in calls}
+    assert {"AutoModelForImageClassification", "AutoConfig", "PreTrainedModel"} <= entry_points
+    seen = sorted({repr(value) for _, _, value in calls})
+    assert all(value is not True for _, _, value in calls), calls
+    assert not sentinel.exists()
+    for backend in backends:  # the local classes were loaded, and they work
+        assert len(backend.predict(images[:2])) == 2
+    classes = sorted({cls for entry, cls, _ in calls if entry == "PreTrainedModel"})
+    observe(
+        "model.trust_remote_code",
+        f"static: {len(offenders)} of {scanned} worker files mention it; run time: {len(calls)} "
+        f"from_pretrained calls loading {len(directories)} look-alikes "
+        f"({', '.join(TRANSFORMERS_PRESETS)}) whose config.json maps the auto classes to "
+        f"planted code, trust_remote_code passed as {{{', '.join(seen)}}}, never True; "
+        f"loaded the local {', '.join(classes)}; planted code ran: {sentinel.exists()}",
+        sent=len(directories),
+        received=len(backends),
+        lost=len(directories) - len(backends),
+    )

@@ -1,0 +1,214 @@
+"""The reliability table: every fault, load and hostile-input scenario the tests inject, what
+should happen, and what the test run observed.
+
+Scenarios are declared here, once; a test reports what it saw with the ``observe`` fixture
+(``tests/conftest.py``), and the run writes every observation to ``build/reliability.json``.
+``python -m tests.support.reliability_report`` renders ``docs/reliability.md`` from that file,
+so the table says what the tests measured, and a unit test checks the page still lists exactly
+the scenarios declared here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+__all__ = [
+    "GROUPS",
+    "SCENARIOS",
+    "Observation",
+    "Scenario",
+    "full_scale",
+    "load_observations",
+    "observations_path",
+    "save_observations",
+    "scaled",
+]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    group: str
+    title: str
+    expected: str
+
+
+@dataclass
+class Observation:
+    scenario: str
+    #: what the test saw, in words: outcomes, codes, counts that do not fit the columns
+    observed: str
+    sent: int = 0
+    received: int = 0
+    lost: int = 0
+    #: extra results for one request (re-deliveries publish the identical stored result)
+    duplicates: int = 0
+    test: str = ""
+    outcome: str = ""
+    scale: str = ""
+    extra: dict[str, float | int | str] = field(default_factory=dict)
+
+
+GROUPS = ("Faults", "Load", "Hostile images", "Hostile references", "Hostile messages", "Models",
+          "Cache poisoning")  # fmt: skip
+
+_F, _L, _I, _R, _M, _O, _C = GROUPS
+
+SCENARIOS: dict[str, Scenario] = {
+    # --- faults, injected for real ---------------------------------------------------------
+    "fault.kill9": Scenario(
+        _F,
+        "`kill -9` of the worker with a full batch in flight",
+        "every in-flight request is redelivered and finishes; no request gets two different "
+        "results; no quarantine half-done",
+    ),
+    "fault.redis_restart": Scenario(
+        _F,
+        "Redis (broker and cache) killed and restarted mid-run",
+        "the worker reconnects and every request gets its result",
+    ),
+    "fault.cache_db_gone": Scenario(
+        _F,
+        "the cache Redis gone for good",
+        "the worker keeps classifying without the cache",
+    ),
+    "fault.s3_outage": Scenario(
+        _F,
+        "S3 server stopped, started again, then answering 5xx for a while",
+        "retries, then success; no image lost, none left in both places",
+    ),
+    "fault.crash_quarantine": Scenario(
+        _F,
+        "crash between quarantine copy and source delete",
+        "the retry completes the move; the source is deleted only after a verified copy",
+    ),
+    "fault.crash_publish_ack": Scenario(
+        _F,
+        "crash between publish and ack",
+        "the re-delivery re-publishes the identical stored result; nothing re-runs",
+    ),
+    "fault.sigterm": Scenario(
+        _F,
+        "SIGTERM during load",
+        "the worker stops taking work, finishes or requeues what it holds, exits 0; "
+        "the next worker answers the rest",
+    ),
+    "fault.webhook_down": Scenario(
+        _F,
+        "webhook endpoint down",
+        "retries with backoff, then the result is kept in the dead-letter queue",
+    ),
+    # --- load -------------------------------------------------------------------------------
+    "load.soak": Scenario(
+        _L,
+        "many requests through one worker, duplicates mixed in",
+        "every request answered exactly once; resident memory flat after warm-up; Redis keys "
+        "grow only by TTL'd cache and result entries",
+    ),
+    # --- hostile images ---------------------------------------------------------------------
+    "image.zero_bytes": Scenario(_I, "zero bytes", "`empty_image` error"),
+    "image.random_bytes": Scenario(_I, "random bytes", "`unsupported_format` error"),
+    "image.truncated_jpeg": Scenario(_I, "truncated JPEG", "`corrupt_image` error"),
+    "image.truncated_png": Scenario(_I, "truncated PNG", "`corrupt_image` error"),
+    "image.png_bomb": Scenario(
+        _I,
+        "PNG declaring 100k x 100k pixels",
+        "`too_many_pixels` from the header, nothing allocated",
+    ),
+    "image.gif_10k_frames": Scenario(_I, "GIF with 10,000 frames", "`too_many_frames` error"),
+    "image.svg": Scenario(_I, "SVG", "`unsupported_format` error"),
+    "image.polyglot": Scenario(_I, "JPEG/ZIP polyglot", "decoded as the JPEG it starts with"),
+    "image.png16": Scenario(_I, "16-bit PNG", "a verdict, scaled not clipped"),
+    "image.cmyk_jpeg": Scenario(_I, "CMYK JPEG", "a verdict on the RGB conversion"),
+    "image.over_byte_cap": Scenario(_I, "file over the byte cap", "`image_too_large` error"),
+    "image.wrong_extension": Scenario(
+        _I, "PNG named .jpg, JPEG named .gif", "a verdict: the format is sniffed, not trusted"
+    ),
+    "image.fuzz": Scenario(
+        _I,
+        "decoder fuzzed (random and mutated images) for a fixed budget",
+        "no crash, no hang, memory bounded: a typed error or RGB frames for every input",
+    ),
+    "image.worker_memory": Scenario(
+        _I,
+        "all the hostile images through one worker",
+        "each gets its typed error or a verdict; nothing hangs; worker memory bounded",
+    ),
+    # --- hostile references -----------------------------------------------------------------
+    "ref.file_dotdot": Scenario(_R, "`file://` with `..`", "`forbidden_reference`"),
+    "ref.file_outside": Scenario(
+        _R, "`file://` absolute path outside the roots", "`forbidden_reference`"
+    ),
+    "ref.file_symlink": Scenario(
+        _R, "`file://` symlink escaping the root", "`forbidden_reference`"
+    ),
+    "ref.s3_bucket": Scenario(_R, "`s3://` bucket not allowed", "`forbidden_reference`"),
+    "ref.http_private": Scenario(
+        _R,
+        "`http(s)://` to 127.0.0.1, [::1], 10/8, 172.16/12, 192.168/16, 169.254.169.254",
+        "`forbidden_reference`; no connection made",
+    ),
+    "ref.http_name_private": Scenario(
+        _R, "a hostname that resolves to a private address", "`forbidden_reference`; no connection"
+    ),
+    "ref.http_redirect": Scenario(
+        _R, "a redirect to a private address", "`forbidden_reference`; the target never contacted"
+    ),
+    "ref.http_oversize": Scenario(
+        _R, "an oversize body", "`image_too_large`; the read stops at the cap"
+    ),
+    # --- hostile messages -------------------------------------------------------------------
+    "msg.pickle": Scenario(_M, "a pickle-serialized task", "refused unread; the worker survives"),
+    "msg.bad_json": Scenario(_M, "malformed JSON", "refused; the worker survives"),
+    "msg.missing_fields": Scenario(
+        _M, "a request missing fields", "`invalid_request` result and dead letter"
+    ),
+    "msg.big_metadata": Scenario(
+        _M, "a 10 MB metadata blob", "`invalid_request` result and dead letter"
+    ),
+    # --- models -----------------------------------------------------------------------------
+    "model.pickle_only": Scenario(
+        _O, "a model directory holding only pickle weights", "refused (`unsafe_weights`)"
+    ),
+    "model.trust_remote_code": Scenario(_O, "`trust_remote_code`", "never set on any loading path"),
+    # --- cache poisoning --------------------------------------------------------------------
+    "cache.collision_safe": Scenario(
+        _C,
+        "a different image crafted to the pHash of a cached **safe** image",
+        "the safe verdict is not reused: the model scores it",
+    ),
+    "cache.collision_unsafe": Scenario(
+        _C,
+        "a near-duplicate of a cached **unsafe** image",
+        "the unsafe verdict propagates (perceptual hit)",
+    ),
+}
+
+
+def observations_path() -> Path:
+    return Path(os.environ.get("MODQ_RELIABILITY_JSON", ROOT / "build" / "reliability.json"))
+
+
+def save_observations(observations: list[Observation], path: Path | None = None) -> Path:
+    path = path or observations_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([asdict(o) for o in observations], indent=2) + "\n")
+    return path
+
+
+def load_observations(path: Path | None = None) -> list[Observation]:
+    path = path or observations_path()
+    return [Observation(**item) for item in json.loads(path.read_text())]
+
+
+def full_scale() -> bool:
+    """``make soak`` sets ``MODQ_SOAK=1``: the fault and load tests run at full counts."""
+    return os.environ.get("MODQ_SOAK", "") == "1"
+
+
+def scaled(ci: int, full: int) -> int:
+    return full if full_scale() else ci
