@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 PIP := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: install install-dev run test test-fast lint bench clean
+.PHONY: install install-dev run test test-fast soak reliability-doc lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,16 @@ test: install-dev
 
 test-fast: install-dev
 	$(BIN)/pytest -m "not slow"
+
+# The fault, load and hostile-input tier at full counts (10,000 requests, a 10-minute
+# decoder fuzz), then docs/reliability.md regenerated from what those tests observed.
+soak: install-dev
+	MODQ_SOAK=1 $(BIN)/pytest -m reliability
+	$(BIN)/python -m tests.support.reliability_report
+
+# docs/reliability.md from the last test run's observations (build/reliability.json).
+reliability-doc: install-dev
+	$(BIN)/python -m tests.support.reliability_report
 
 lint: install-dev
 	$(BIN)/ruff check worker tests bench
