@@ -3,6 +3,10 @@
 Order matters: the byte cap is checked before Pillow sees the data, the format allowlist at
 open (Pillow tries only the allowed plugins), the pixel and frame caps from the header before
 any pixel is decoded, and only then are frames decoded, EXIF-transposed and converted to RGB.
+
+The pixel cap bounds memory per image: one frame may not exceed it, and neither may the sampled
+frames together (each is kept as RGB until the model has seen it). A MemoryError is not a fact
+about the image, so it becomes the retryable ``resource_exhausted``, never ``corrupt_image``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from worker.errors import (
     EmptyImage,
     ImageTooLarge,
     ModqError,
+    ResourceExhausted,
     TooManyFrames,
     TooManyPixels,
     UnsupportedFormat,
@@ -38,6 +43,7 @@ Image.init()  # register every plugin now, so the allowlist can name them all
 @dataclass(frozen=True)
 class DecodeLimits:
     max_bytes: int = 40 * 1024 * 1024
+    #: pixels in one frame, and in all the sampled frames of one image together
     max_pixels: int = 50_000_000
     max_frames: int = 1_000
     sample_frames: int = 8
@@ -79,6 +85,9 @@ def decode(data: bytes, limits: DecodeLimits, draft_size: int | None = None) -> 
         return _decode_frames(image, limits, draft_size)
     except ModqError:
         raise
+    except MemoryError as exc:
+        # Out of memory under load: as corrupt_image a valid upload would be refused for good.
+        raise ResourceExhausted("out of memory while decoding; retry later") from exc
     except Image.DecompressionBombError as exc:
         raise TooManyPixels(str(exc)) from exc
     except Exception as exc:
@@ -101,6 +110,8 @@ def _open(data: bytes) -> Image.Image:
         raise UnsupportedFormat(
             f"not an image in an allowed format ({', '.join(ALLOWED_FORMATS)})"
         ) from exc
+    except MemoryError as exc:
+        raise ResourceExhausted("out of memory while reading the header; retry later") from exc
     except Exception as exc:  # any parser failure on the header
         raise CorruptImage(f"cannot read the image header: {type(exc).__name__}: {exc}") from exc
 
@@ -118,7 +129,14 @@ def _decode_frames(
         )
     fmt = image.format or "unknown"
     frame_count = _frame_count(image, limits)
-    frames = tuple(_frames(image, fmt, frame_count, limits, draft_size))
+    # MPO's extra frames are depth maps or previews, not animation: score the primary image.
+    indices = [0] if fmt == "MPO" else sample_indices(frame_count, limits.sample_frames)
+    if len(indices) * width * height > limits.max_pixels:
+        raise TooManyPixels(
+            f"the {len(indices)} sampled frames of {width}x{height} hold "
+            f"{len(indices) * width * height} pixels together; the limit is {limits.max_pixels}"
+        )
+    frames = tuple(_frames(image, fmt, indices, limits, draft_size))
     return DecodedImage(frames, fmt, width, height, frame_count)
 
 
@@ -134,40 +152,58 @@ def _frame_count(image: Image.Image, limits: DecodeLimits) -> int:
 def _frames(
     image: Image.Image,
     fmt: str,
-    frame_count: int,
+    indices: list[int],
     limits: DecodeLimits,
     draft_size: int | None,
 ) -> Iterator[Image.Image]:
-    # MPO's extra frames are depth maps or previews, not animation: score the primary image.
-    indices = [0] if fmt == "MPO" else sample_indices(frame_count, limits.sample_frames)
+    kept = 0
     for index in indices:
         if index:
-            # Step frame by frame: Pillow decodes the frames it passes, and any of them may
-            # declare a larger canvas than the header did.
-            for step in range(image.tell() + 1, index + 1):
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                    image.seek(step)
-                width, height = image.size
-                if width * height > limits.max_pixels:
-                    raise TooManyPixels(
-                        f"frame {step} is {width}x{height}; the limit is {limits.max_pixels} pixels"
-                    )
+            _step_to(image, index, limits)
         elif draft_size and fmt in ("JPEG", "MPO"):
             image.draft("RGB", (draft_size, draft_size))
+        # A GIF frame may grow the canvas past the header's size: count what is really kept.
+        kept += image.width * image.height
+        if kept > limits.max_pixels:
+            raise TooManyPixels(
+                f"the sampled frames up to frame {index} hold {kept} pixels together; "
+                f"the limit is {limits.max_pixels}"
+            )
         frame = ImageOps.exif_transpose(image) if index == 0 else image.copy()
         yield _to_rgb(frame)
 
 
+def _step_to(image: Image.Image, index: int, limits: DecodeLimits) -> None:
+    # Step frame by frame: Pillow decodes the frames it passes, and any of them may declare a
+    # larger canvas than the header did.
+    for step in range(image.tell() + 1, index + 1):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image.seek(step)
+        width, height = image.size
+        if width * height > limits.max_pixels:
+            raise TooManyPixels(
+                f"frame {step} is {width}x{height}; the limit is {limits.max_pixels} pixels"
+            )
+
+
 def _to_rgb(frame: Image.Image) -> Image.Image:
     if frame.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit greyscale: Pillow's convert("RGB") clips at 255, which turns a normal photo
-        # white (and would let a crafted upload hide from the model). Scale to 8 bits instead;
-        # 32-bit "I" images holding 8-bit values are kept as they are.
-        wide = np.clip(np.asarray(frame, dtype=np.int64), 0, 65535)
-        if frame.mode != "I" or wide.max(initial=0) > 255:
-            wide >>= 8
-        frame = Image.fromarray(wide.astype(np.uint8))
+        frame = _to_8_bit(frame)
     rgb = frame.convert("RGB")
     rgb.load()
     return rgb
+
+
+def _to_8_bit(frame: Image.Image) -> Image.Image:
+    """16-bit greyscale scaled to 8 bits: Pillow's convert("RGB") clips at 255, which turns a
+    normal photo white (and would let a crafted upload hide from the model). 32-bit "I" images
+    holding 8-bit values are kept as they are; others are scaled as 16-bit ones, values past
+    16 bits (or below 0) read as white (or black)."""
+    wide = np.asarray(frame)
+    shift = 8 if frame.mode != "I" or wide.max(initial=0) > 255 else 0
+    # In the image's own integer width: int64 copies would cost 16 bytes a pixel, over a GiB
+    # at the pixel cap; shifting first leaves only 0..255 (and negatives) to clip, in place.
+    narrow = wide >> shift
+    np.clip(narrow, 0, 255, out=narrow)
+    return Image.fromarray(narrow.astype(np.uint8))

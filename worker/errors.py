@@ -30,7 +30,9 @@ once released) and whether a retry can help::
         ├── CacheUnavailable           cache_unavailable
         ├── DeadlineExceeded           deadline_exceeded
         ├── CallbackFailed             callback_failed      (receiver or broker unreachable)
-        └── InferenceFailed            inference_failed
+        ├── InferenceFailed            inference_failed
+        └── ResourceExhausted          resource_exhausted   (out of memory: says nothing
+                                                             about the image)
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ __all__ = [
     "ObjectNotFound",
     "PermanentError",
     "ReferenceError_",
+    "ResourceExhausted",
     "RetryableError",
     "SourceChanged",
     "StorageUnavailable",
@@ -181,3 +184,7 @@ class CallbackFailed(RetryableError):
 
 class InferenceFailed(RetryableError):
     code = "inference_failed"
+
+
+class ResourceExhausted(RetryableError):
+    code = "resource_exhausted"

@@ -101,10 +101,7 @@ def test_kill_9_with_a_full_batch_in_flight(
         f"{in_both_at_kill} moves cut between copy and delete; the next worker finished "
         f"the rest in {took:.0f} s: {tally.words()}; {len(never_received)} popped from Redis "
         "by the killed worker but not yet recorded as unacked (Redis transport gap)",
-        sent=tally.sent,
-        received=tally.received,
-        lost=tally.lost,
-        duplicates=tally.duplicates,
+        **tally.counts(),
     )
     tally.unanswered = [r for r in tally.unanswered if r not in never_received]
     tally.assert_clean()
@@ -157,10 +154,7 @@ def test_redis_killed_and_restarted_mid_run(
         "fault.redis_restart",
         f"Redis killed (SIGKILL) after {answered_before} results, back 3 s later; the same "
         f"worker reconnected and answered the rest in {took:.0f} s: {tally.words()}",
-        sent=tally.sent,
-        received=tally.received,
-        lost=tally.lost,
-        duplicates=tally.duplicates,
+        **tally.counts(),
     )
     tally.assert_clean()
     assert reconnected
@@ -191,10 +185,7 @@ def test_with_the_cache_redis_gone_the_worker_keeps_classifying(
         "fault.cache_db_gone",
         f"cache Redis killed after {half} results and not restarted; the next "
         f"{len(after)} were classified in {took:.1f} s, {misses} as cache misses: {tally.words()}",
-        sent=tally.sent,
-        received=tally.received,
-        lost=tally.lost,
-        duplicates=tally.duplicates,
+        **tally.counts(),
     )
     tally.assert_clean()
     assert misses == len(after)
@@ -233,10 +224,7 @@ def test_s3_stopped_then_failing_then_back(
         f"S3 refused connections for 3 s, then answered {proxy.failed_requests} requests "
         f"503 SlowDown for 3 s; {retries:.0f} task retries; all answered {took:.0f} s after "
         f"the outage began: {tally.words()}",
-        sent=tally.sent,
-        received=tally.received,
-        lost=tally.lost,
-        duplicates=tally.duplicates,
+        **tally.counts(),
     )
     tally.assert_clean()
     assert proxy.failed_requests > 0 and retries > 0
@@ -272,10 +260,7 @@ def test_crash_between_quarantine_copy_and_delete(
         f"SIGKILL inside the move, after copy + verify + record and before the delete: "
         f"{in_both_at_crash} upload(s) then in both places, none in neither; the redelivery "
         f"finished in {took:.0f} s: {tally.words()}",
-        sent=tally.sent,
-        received=tally.received,
-        lost=tally.lost,
-        duplicates=tally.duplicates,
+        **tally.counts(),
     )
     tally.assert_clean()
     assert in_both_at_crash >= 1
@@ -319,10 +304,7 @@ def test_crash_between_publish_and_ack(
         f"SIGKILL after publishing {crashed_id}, before its ack; the redelivery re-published "
         f"the stored result ({len(copies)} identical copies, {republished} re-publication "
         f"logged, nothing re-run) and the rest finished in {took:.0f} s: {tally.words()}",
-        sent=tally.sent,
-        received=tally.received,
-        lost=tally.lost,
-        duplicates=tally.duplicates,
+        **tally.counts(),
     )
     tally.assert_clean()
     assert len(copies) == 2 and copies[1] == published
@@ -366,10 +348,7 @@ def test_sigterm_during_load(
         f"SIGTERM with {held} images in flight: exit code {code} after {stop_s:.1f} s, "
         f"{answered_by_first} answered by then, {queued} back on the queue and {unacked} "
         f"left unacked; the next worker answered the rest in {took:.0f} s: {tally.words()}",
-        sent=tally.sent,
-        received=tally.received,
-        lost=tally.lost,
-        duplicates=tally.duplicates,
+        **tally.counts(),
     )
     tally.assert_clean()
     assert code == 0

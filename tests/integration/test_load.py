@@ -106,10 +106,7 @@ def test_thousands_of_requests_through_one_worker(
         f"{warm:.0f} MB warm, {end:.0f} MB at the end (peak {max(rss.samples, default=end):.0f}); "
         f"Redis: {len(cache)} cache/result keys, all with a TTL, {len(broker)} broker keys "
         f"({len(grown_broker)} new: {', '.join(grown_broker) or 'none'})",
-        sent=tally.sent,
-        received=tally.received,
-        lost=tally.lost,
-        duplicates=tally.duplicates,
+        **tally.counts(),
         scale="full (MODQ_SOAK=1)" if full_scale() else "CI",
     )
     tally.assert_clean()

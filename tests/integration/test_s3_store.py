@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from tests.support.s3_server import CREDENTIALS, S3Server
@@ -90,6 +90,7 @@ def test_bad_s3_refs_are_invalid(ref: str) -> None:
     version=st.none() | st.text(st.characters(codec="ascii"), min_size=1, max_size=20),
 )
 def test_s3_ref_round_trips(key: str, version: str | None) -> None:
+    assume(not any(segment in (".", "..") for segment in key.split("/")))  # refused: see unit
     assert parse_s3_ref(s3_ref("images", key, version)) == S3Location("images", key, version)
 
 

@@ -40,6 +40,15 @@ class Tally:
     def lost(self) -> int:
         return len(self.unanswered) + len(self.in_neither)
 
+    def counts(self) -> dict[str, int]:
+        """The reliability table's columns."""
+        return {
+            "sent": self.sent,
+            "received": self.received,
+            "lost": self.lost,
+            "duplicates": self.duplicates,
+        }
+
     def assert_clean(self) -> None:
         assert not self.unanswered, f"{len(self.unanswered)} unanswered: {self.unanswered[:5]}"
         assert not self.differing, f"copies differ for {self.differing[:5]}"

@@ -194,9 +194,13 @@ def observations_path() -> Path:
 
 
 def save_observations(observations: list[Observation], path: Path | None = None) -> Path:
+    """Merge into the file: a run that reached only some scenarios updates their rows and
+    keeps the others' (each row names its test and outcome)."""
     path = path or observations_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps([asdict(o) for o in observations], indent=2) + "\n")
+    kept = {o.scenario: o for o in load_observations(path)} if path.exists() else {}
+    kept.update({o.scenario: o for o in observations})
+    path.write_text(json.dumps([asdict(o) for o in kept.values()], indent=2) + "\n")
     return path
 
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import io
-import json
 import struct
-import subprocess
-import sys
 import time
+import tracemalloc
 import warnings
-from functools import cache
+import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,7 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from tests.support.corpus import build_corpus, hostile_samples
+from tests.conftest import Observe
+from tests.support.corpus import build_corpus, gif_blocks, hostile_samples
+from tests.support.fuzz_decode import FUZZ_LIMITS, check_decoded, measure, seed_images
 from worker.decode import DecodedImage, DecodeLimits, decode, sample_indices
 from worker.errors import (
     CorruptImage,
@@ -27,12 +28,14 @@ from worker.errors import (
     ImageTooLarge,
     ModqError,
     PermanentError,
+    ResourceExhausted,
     TooManyFrames,
     TooManyPixels,
     UnsupportedFormat,
 )
 
 LIMITS = DecodeLimits()
+RELIABILITY = pytest.mark.reliability
 
 
 def _encode(image: Image.Image, fmt: str, **params: object) -> bytes:
@@ -58,6 +61,39 @@ def _write(tmp_path: Path, name: str, data: bytes) -> Path:
     return path
 
 
+def _attempt(
+    data: bytes, limits: DecodeLimits = LIMITS, draft: int | None = None
+) -> tuple[DecodedImage | ModqError, float]:
+    """decode() once: what it returned or the ModqError it raised, and the seconds it took.
+    The tests report it before they assert on it, so a failing run still says what it saw."""
+    started = time.perf_counter()
+    try:
+        result: DecodedImage | ModqError = decode(data, limits, draft)
+    except ModqError as exc:
+        result = exc
+    return result, time.perf_counter() - started
+
+
+def _said(result: DecodedImage | ModqError) -> str:
+    """An outcome, in the words of the reliability table."""
+    if isinstance(result, ModqError):
+        message = str(result)
+        return f"`{result.code}` ({message[:90] + '…' if len(message) > 90 else message})"
+    modes = ", ".join(sorted({frame.mode for frame in result.frames}))
+    return (
+        f"decoded as {result.format} {result.width}x{result.height}, "
+        f"{len(result.frames)} {modes} frame(s)"
+    )
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.3g} ms"
+
+
+def _code(result: DecodedImage | ModqError) -> str:
+    return f"`{result.code}`" if isinstance(result, ModqError) else "decoded"
+
+
 # --- hostile input -----------------------------------------------------------------------------
 
 
@@ -66,39 +102,79 @@ def hostile() -> dict[str, bytes]:
     return hostile_samples()
 
 
+def _case(name: str, error: type[ModqError], code: str, scenario: str | None = None) -> Any:
+    """One hostile sample; the ones that are a reliability scenario report its row."""
+    return pytest.param(name, error, code, scenario, id=name, marks=[RELIABILITY] * bool(scenario))
+
+
 @pytest.mark.parametrize(
-    ("name", "error", "code"),
+    ("name", "error", "code", "scenario"),
     [
-        ("empty", EmptyImage, "empty_image"),
-        ("random", UnsupportedFormat, "unsupported_format"),
-        ("svg", UnsupportedFormat, "unsupported_format"),
-        ("text_as_jpg", UnsupportedFormat, "unsupported_format"),
-        ("truncated_jpeg", CorruptImage, "corrupt_image"),
-        ("truncated_png", CorruptImage, "corrupt_image"),
+        _case("empty", EmptyImage, "empty_image", "image.zero_bytes"),
+        _case("random", UnsupportedFormat, "unsupported_format", "image.random_bytes"),
+        _case("svg", UnsupportedFormat, "unsupported_format", "image.svg"),
+        _case("text_as_jpg", UnsupportedFormat, "unsupported_format"),
+        _case("truncated_jpeg", CorruptImage, "corrupt_image", "image.truncated_jpeg"),
+        _case("truncated_png", CorruptImage, "corrupt_image", "image.truncated_png"),
     ],
 )
 def test_hostile_sample_gets_its_typed_error(
-    hostile: dict[str, bytes], tmp_path: Path, name: str, error: type[ModqError], code: str
+    hostile: dict[str, bytes],
+    tmp_path: Path,
+    observe: Observe,
+    name: str,
+    error: type[ModqError],
+    code: str,
+    scenario: str | None,
 ) -> None:
-    path = _write(tmp_path, name, hostile[name])
-    with pytest.raises(error) as info:
-        decode(path.read_bytes(), LIMITS)
-    assert info.value.code == code
-    assert isinstance(info.value, ImageError)
-    assert isinstance(info.value, PermanentError)
-    assert not info.value.retryable
+    data = _write(tmp_path, name, hostile[name]).read_bytes()
+    result, took = _attempt(data)
+    if scenario:
+        said = f"{_said(result)} for {len(data):,} bytes, in {_ms(took)}"
+        observe(scenario, said, sent=1, received=1)
+    assert isinstance(result, error)
+    assert result.code == code
+    assert isinstance(result, ImageError)
+    assert isinstance(result, PermanentError)
+    assert not result.retryable
 
 
-def test_png_bomb_is_refused_from_its_header(hostile: dict[str, bytes], tmp_path: Path) -> None:
+def _memory(figures: dict[str, float]) -> str:
+    return (
+        f"peak RSS grew {figures['rss_growth_mib']:.1f} MiB, peak address space "
+        f"{figures['vm_peak_growth_mib']:.1f} MiB, Python-traced peak "
+        f"{figures['traced_peak_mib'] * 1024:.0f} KiB"
+    )
+
+
+@RELIABILITY
+def test_png_bomb_is_refused_from_its_header(
+    hostile: dict[str, bytes], tmp_path: Path, observe: Observe
+) -> None:
+    """Measured in a fresh process under the fuzz harness's address-space cap: peak memory is
+    process-wide, and an attempt to allocate the bomb would fail there, not pass unseen."""
     data = _write(tmp_path, "bomb.png", hostile["png_bomb"]).read_bytes()
     assert data[12:16] == b"IHDR"
-    assert struct.unpack(">II", data[16:24]) == (100_000, 100_000)  # the sample really is a bomb
-    started = time.perf_counter()
-    with pytest.raises(TooManyPixels) as info:
-        decode(data, LIMITS)
-    # 10^10 pixels would take minutes and tens of GB to decode: refusing it is instant.
-    assert time.perf_counter() - started < 5.0
-    assert info.value.code == "too_many_pixels"
+    width, height = struct.unpack(">II", data[16:24])
+    assert (width, height) == (100_000, 100_000)  # the sample really is a bomb
+    run = measure(data, tmp_path / "measure", LIMITS)
+    seen = run.summary
+    observe(
+        "image.png_bomb",
+        f"`{seen.get('outcome', run.failure)}` for a {len(data)}-byte PNG whose IHDR declares "
+        f"{width:,}x{height:,} ({width * height * 3 / 1e9:.0f} GB as RGB), in "
+        f"{_ms(seen.get('seconds', 0.0))}; {_memory(seen) if seen else run.output[-300:]}",
+        sent=1,
+        received=int(bool(seen)),
+        lost=int(not seen),
+    )
+    assert run.failure is None, run.output
+    assert seen["outcome"] == "too_many_pixels"
+    # 10^10 pixels would take minutes and tens of GB to decode: refusing it is instant, and
+    # nothing of the size of even one row (300 kB) is allocated.
+    assert seen["seconds"] < 1.0
+    assert seen["rss_growth_mib"] < 4 and seen["vm_peak_growth_mib"] < 4, seen
+    assert seen["traced_peak_mib"] < 0.25, seen
 
 
 def test_pixel_cap_is_our_own_not_pillows(tmp_path: Path) -> None:
@@ -108,19 +184,55 @@ def test_pixel_cap_is_our_own_not_pillows(tmp_path: Path) -> None:
         decode(data, DecodeLimits(max_pixels=1_999_999))
 
 
-def test_gif_with_too_many_frames(hostile: dict[str, bytes], tmp_path: Path) -> None:
+@RELIABILITY
+def test_gif_with_10_000_frames(
+    hostile: dict[str, bytes], tmp_path: Path, observe: Observe
+) -> None:
     data = _write(tmp_path, "many.gif", hostile["gif_many_frames"]).read_bytes()
-    with pytest.raises(TooManyFrames) as info:
-        decode(data, DecodeLimits(max_frames=1000))
-    assert info.value.code == "too_many_frames"
+    # Counted from the image descriptors, not by Pillow: the sample really has 10,000 frames.
+    frames = sum(block[0] == 0x2C for block in gif_blocks(data)[1])
+    assert frames == 10_000 > LIMITS.max_frames
+    result, _ = _attempt(data)
+    run = measure(data, tmp_path / "measure", LIMITS)  # at the shipped limits, in a fresh process
+    seen = run.summary
+    observe(
+        "image.gif_10k_frames",
+        f"{_said(result)} for a {len(data):,}-byte GIF of {frames:,} frames at the default "
+        f"limit of {LIMITS.max_frames:,}; in a fresh process: `{seen.get('outcome')}` in "
+        f"{_ms(seen.get('seconds', 0.0))}, {_memory(seen) if seen else run.output[-300:]}",
+        sent=1,
+        received=int(isinstance(result, ModqError)),
+    )
+    assert isinstance(result, TooManyFrames)
+    assert result.code == "too_many_frames"
+    assert f"{frames} frames" in str(result)  # decode() counted them all, then refused
+    assert run.failure is None, run.output
+    assert seen["outcome"] == "too_many_frames"
+    assert seen["seconds"] < 5.0
+    assert seen["rss_growth_mib"] < 64, seen  # no frame decoded: 10,000 canvases would be more
 
 
-def test_bytes_over_the_cap(tmp_path: Path) -> None:
+@RELIABILITY
+def test_bytes_over_the_cap(tmp_path: Path, observe: Observe) -> None:
     data = _write(tmp_path, "a.png", _encode(_photo(64, 48), "PNG")).read_bytes()
-    assert isinstance(decode(data, DecodeLimits(max_bytes=len(data))), DecodedImage)
-    with pytest.raises(ImageTooLarge) as info:
-        decode(data, DecodeLimits(max_bytes=len(data) - 1))
-    assert info.value.code == "image_too_large"
+    at_cap, _ = _attempt(data, DecodeLimits(max_bytes=len(data)))
+    below, _ = _attempt(data, DecodeLimits(max_bytes=len(data) - 1))
+    # At the shipped cap: a valid PNG padded to one byte over it, refused before it is parsed.
+    big = data + bytes(LIMITS.max_bytes + 1 - len(data))
+    result, took = _attempt(big)
+    observe(
+        "image.over_byte_cap",
+        f"{_said(result)} for a {len(big):,}-byte PNG ({len(big) - LIMITS.max_bytes} byte over "
+        f"the default cap), in {_ms(took)}; a {len(data):,}-byte PNG is {_code(at_cap)} under a "
+        f"cap of its own size, {_code(below)} one byte below it",
+        sent=3,
+        received=3,
+    )
+    assert isinstance(at_cap, DecodedImage)
+    assert isinstance(below, ImageTooLarge)
+    assert below.code == "image_too_large"
+    assert isinstance(result, ImageTooLarge)
+    assert took < 0.5  # a length check: nothing was read or parsed
 
 
 def test_bytes_cap_is_checked_before_anything_else() -> None:
@@ -129,49 +241,74 @@ def test_bytes_cap_is_checked_before_anything_else() -> None:
         decode(b"\x00" * 1001, DecodeLimits(max_bytes=1000))
 
 
-def test_polyglot_decodes_as_jpeg_or_is_refused(hostile: dict[str, bytes], tmp_path: Path) -> None:
+@RELIABILITY
+def test_polyglot_decodes_as_the_jpeg_it_starts_with(
+    hostile: dict[str, bytes], tmp_path: Path, observe: Observe
+) -> None:
     data = _write(tmp_path, "polyglot.jpg", hostile["polyglot"]).read_bytes()
-    try:
-        decoded = decode(data, LIMITS)
-    except ModqError as exc:
-        assert isinstance(exc, ImageError)
-    else:
-        assert decoded.format == "JPEG"
-        assert decoded.frames and all(f.mode == "RGB" for f in decoded.frames)
-
-
-def _gif_blocks(data: bytes) -> tuple[bytes, list[bytes]]:
-    """Split a GIF into its head (header, screen descriptor, global palette) and its blocks."""
-    flags = data[10]
-    pos = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
-    head, blocks = data[:pos], []
-    while data[pos] != 0x3B:
-        start = pos
-        if data[pos] == 0x21:  # extension: introducer, label, sub-blocks
-            pos += 2
-        else:  # image descriptor, local palette, LZW code size, sub-blocks
-            local = data[pos + 9]
-            pos += 10 + (3 << ((local & 7) + 1) if local & 0x80 else 0) + 1
-        while data[pos]:
-            pos += data[pos] + 1
-        blocks.append(data[start : pos + 1])
-        pos += 1
-    return head, blocks
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:  # it really is a ZIP as well
+        names = archive.namelist()
+    jpeg = data[: data.rindex(b"PK\x03\x04")]  # the JPEG in front of the ZIP's only entry
+    result, took = _attempt(data)
+    alone = decode(jpeg, LIMITS)
+    same = isinstance(result, DecodedImage) and np.array_equal(
+        np.asarray(result.frames[0]), np.asarray(alone.frames[0])
+    )
+    observe(
+        "image.polyglot",
+        f"{_said(result)} from {len(data):,} bytes (a {len(jpeg):,}-byte JPEG, then a ZIP "
+        f"holding {', '.join(names)}), in {_ms(took)}; pixels "
+        f"{'identical to' if same else 'not those of'} the JPEG decoded alone",
+        sent=1,
+        received=1,
+    )
+    assert isinstance(result, DecodedImage)
+    assert result.format == "JPEG"
+    assert same
 
 
 def _growing_gif(small: int, big: tuple[int, int], small_after: int = 0) -> bytes:
     """A GIF whose screen is small x small but whose second frame is ``big`` (then
     ``small_after`` small frames): Pillow grows the canvas only when it seeks to that frame,
     long after the header was checked."""
-    head_a, blocks_a = _gif_blocks(_encode(Image.new("P", (small, small), 0), "GIF"))
+    head_a, blocks_a = gif_blocks(_encode(Image.new("P", (small, small), 0), "GIF"))
     big_image = Image.new("P", big, 1)
     big_image.putpalette([0, 0, 0, 200, 30, 30] + [0] * 762)
-    head_b, blocks_b = _gif_blocks(_encode(big_image, "GIF"))
+    head_b, blocks_b = gif_blocks(_encode(big_image, "GIF"))
     descriptor = bytearray(blocks_b[-1])
     descriptor[9] = 0x80 | (head_b[10] & 7)  # the big frame's palette becomes a local one
     frame_b = bytes(descriptor[:10]) + head_b[13:] + bytes(descriptor[10:])
     small_frame = blocks_a[-1]
     return head_a + b"".join(blocks_a) + frame_b + small_frame * small_after + b"\x3b"
+
+
+@RELIABILITY
+def test_format_is_sniffed_not_taken_from_the_name(tmp_path: Path, observe: Observe) -> None:
+    """PNG bytes named .jpg, JPEG bytes named .gif: each decodes to exactly the pixels its own
+    format holds (what Pillow reads from the bytes alone), whatever the name says."""
+    photo, seen = _photo(64, 48), []
+    for name, fmt in (("photo.jpg", "PNG"), ("photo.gif", "JPEG")):
+        data = _write(tmp_path, name, _encode(photo, fmt)).read_bytes()
+        result, _ = _attempt(data)
+        with Image.open(io.BytesIO(data)) as stored:
+            reference = _pixels(stored)
+        error = -1.0  # the frames' mean distance from the bytes' own pixels; -1: none decoded
+        if isinstance(result, DecodedImage):
+            error = float(np.abs(_pixels(result.frames[0]) - reference).mean())
+        seen.append((name, fmt, result, error))
+    observe(
+        "image.wrong_extension",
+        "; ".join(
+            f"{fmt} bytes named {name}: {_said(result)}, {error:.2f} levels from its own pixels"
+            for name, fmt, result, error in seen
+        ),
+        sent=len(seen),
+        received=len(seen),
+    )
+    for name, fmt, result, error in seen:
+        assert isinstance(result, DecodedImage), name
+        assert result.format == fmt, name
+        assert error == 0.0, name
 
 
 def test_later_gif_frame_cannot_grow_past_the_pixel_cap(tmp_path: Path) -> None:
@@ -183,50 +320,82 @@ def test_later_gif_frame_cannot_grow_past_the_pixel_cap(tmp_path: Path) -> None:
         decode(data, DecodeLimits(max_pixels=100_000))
 
 
-_PEAK_MEMORY = """
-import json, resource, sys
-from pathlib import Path
-from worker.decode import DecodeLimits, decode
-from worker.errors import ModqError
-
-data = Path(sys.argv[1]).read_bytes()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-try:
-    decode(data, DecodeLimits(max_pixels=100_000, sample_frames=2))
-    outcome = "decoded"
-except ModqError as exc:
-    outcome = exc.code
-grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
-print(json.dumps({"outcome": outcome, "grown_mib": grown / 1024}))
-"""
-
-
 def test_unsampled_gif_frame_cannot_grow_past_the_pixel_cap(tmp_path: Path) -> None:
     """The big frame is not one of the sampled frames (only the first and the last are), so
     decode() seeks past it: the cap must hold for every frame it steps through, before that
-    frame's pixels are decoded. Measured in a fresh process: peak memory is process-wide."""
+    frame's pixels are decoded. Measured in a fresh process: peak memory is process-wide, and
+    the child's own peak (VmHWM), since ru_maxrss of a vfork'd child starts at its parent's."""
     path = _write(tmp_path, "grows-early.gif", _growing_gif(16, (5000, 5000), small_after=8))
     with Image.open(path) as header:
         assert header.size == (16, 16) and header.n_frames == 10
     assert sample_indices(10, 2) == [0, 9]
-    run = subprocess.run(
-        [sys.executable, "-c", _PEAK_MEMORY, str(path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    report = json.loads(run.stdout)
-    assert report["outcome"] == "too_many_pixels"
+    limits = DecodeLimits(max_pixels=100_000, sample_frames=2)
+    run = measure(path.read_bytes(), tmp_path / "measure", limits)
+    assert run.failure is None, run.output
+    assert run.summary["outcome"] == "too_many_pixels"
     # 25 million pixels decoded would take hundreds of MiB; refused from the frame header, ~0.
-    assert report["grown_mib"] < 64, report
+    assert run.summary["rss_growth_mib"] < 64, run.summary
+
+
+def _sparse_webp(canvas: tuple[int, int], frames: int = 4) -> bytes:
+    """An animated WEBP of ``frames`` 16x12 frames on the ``canvas`` its VP8X header declares:
+    a few hundred bytes that libwebp expands to the whole canvas for every frame it decodes
+    (how the fuzzer's 342-byte inputs in build/fuzz/slow-webp-*.bin took 1.1 GiB)."""
+    tiles = [Image.new("RGB", (16, 12), (60 * i, 90, 30)) for i in range(4)]
+    data = _encode(tiles[0], "WEBP", save_all=True, append_images=tiles[1:])
+    chunks, at = [], 12
+    while at + 8 <= len(data):
+        size = struct.unpack_from("<I", data, at + 4)[0]
+        chunks.append(data[at : at + 8 + size + (size & 1)])
+        at += 8 + size + (size & 1)
+    vp8x, anim = (bytearray(c) for c in chunks if c[:4] in (b"VP8X", b"ANIM"))
+    vp8x[12:15] = (canvas[0] - 1).to_bytes(3, "little")
+    vp8x[15:18] = (canvas[1] - 1).to_bytes(3, "little")
+    anmf = [c for c in chunks if c[:4] == b"ANMF"]
+    body = bytes(vp8x + anim) + b"".join(anmf[i % len(anmf)] for i in range(frames))
+    return b"RIFF" + struct.pack("<I", 4 + len(body)) + b"WEBP" + body
+
+
+def test_sampled_frames_share_the_pixel_cap() -> None:
+    """Every sampled frame is kept as RGB until the model has seen it, so the cap is on all of
+    them together: at most ``max_pixels`` pixels held for one image, however it is animated."""
+    frames = [Image.new("RGB", (40, 30), (60 * i, 0, 0)) for i in range(4)]
+    data = _encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    assert len(decode(data, DecodeLimits(max_pixels=4 * 40 * 30)).frames) == 4
+    with pytest.raises(TooManyPixels, match="sampled"):
+        decode(data, DecodeLimits(max_pixels=4 * 40 * 30 - 1))
+
+
+def test_a_grown_gif_frame_counts_against_the_shared_cap() -> None:
+    """The header's 16x16 screen fits twice over; the second frame grows the canvas to
+    300x300, under the cap alone but over it with the first frame."""
+    data = _growing_gif(16, (300, 300))
+    assert len(decode(data, DecodeLimits(max_pixels=16 * 16 + 300 * 300)).frames) == 2
+    with pytest.raises(TooManyPixels, match="sampled"):
+        decode(data, DecodeLimits(max_pixels=300 * 300))
+
+
+@pytest.mark.parametrize("canvas", [(16, 2_097_164), (2_949_136, 12)], ids=["tall", "wide"])
+def test_sparse_animated_webp_is_refused_from_its_header(
+    tmp_path: Path, canvas: tuple[int, int]
+) -> None:
+    """The fuzzer's inputs, at the shipped limits, in a fresh process under the harness's
+    address-space cap: each frame is under the pixel cap (33.5 and 35.4 Mpx) but the four
+    sampled frames are not, together; decoding them took 1.1 GiB and 2-6 s."""
+    data = _sparse_webp(canvas)
+    assert len(data) < 400
+    run = measure(data, tmp_path / "measure", LIMITS)
+    assert run.failure is None, run.output
+    assert run.summary["outcome"] == "too_many_pixels", run.summary
+    assert run.summary["seconds"] < 0.5, run.summary
+    assert run.summary["rss_growth_mib"] < 16, run.summary
 
 
 @pytest.mark.parametrize("into", [5, 10])
 def test_animated_gif_with_a_torn_second_frame(tmp_path: Path, into: int) -> None:
     frames = [Image.new("RGB", (32, 32), (40 * i, 0, 0)) for i in range(4)]
     data = _encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
-    _, blocks = _gif_blocks(data)
+    _, blocks = gif_blocks(data)
     # Cut inside (5) or just after (10) the second frame's image descriptor: Pillow fails
     # while finding out whether the image is animated at all.
     descriptors = [i for i, block in enumerate(blocks) if block[0] == 0x2C]
@@ -305,13 +474,26 @@ def test_corpus_exif_rotations_are_applied(
         assert np.abs(_pixels(frame) - stored_pixels).mean() > 10  # and not as stored
 
 
-def test_corpus_16_bit_png_matches_its_8_bit_twin(named: dict[str, Path]) -> None:
+@RELIABILITY
+def test_corpus_16_bit_png_matches_its_8_bit_twin(named: dict[str, Path], observe: Observe) -> None:
     with Image.open(named["grey16.png"]) as check:
-        assert check.mode.startswith("I;16")
+        mode, size = check.mode, check.size
+        stored = np.asarray(check, dtype=np.float64)
+    assert mode.startswith("I;16")
     deep = _pixels(decode(named["grey16.png"].read_bytes(), LIMITS).frames[0])
     eight = _pixels(decode(named["grey.jpg"].read_bytes(), LIMITS).frames[0])
+    difference = np.abs(deep - eight).mean()
+    observe(
+        "image.png16",
+        f"{mode} {size[0]}x{size[1]} PNG (levels {stored.min():.0f} to {stored.max():.0f} of "
+        f"65535) decoded to RGB with mean level {deep.mean():.1f}; its 8-bit JPEG twin "
+        f"{eight.mean():.1f}, mean difference {difference:.2f}; clipped at 255 the mean would be "
+        f"{np.minimum(stored, 255).mean():.1f}",
+        sent=1,
+        received=1,
+    )
     assert deep.mean() < 250  # clipping would turn the photo white
-    assert np.abs(deep - eight).mean() < 4  # the same picture as the 8-bit JPEG of it
+    assert difference < 4  # the same picture as the 8-bit JPEG of it
 
 
 def test_corpus_large_jpeg_draft(named: dict[str, Path]) -> None:
@@ -322,11 +504,24 @@ def test_corpus_large_jpeg_draft(named: dict[str, Path]) -> None:
     assert width <= 2000 and height <= 1500
 
 
-def test_corpus_cmyk_matches_the_rgb_original(named: dict[str, Path]) -> None:
-    frame = decode(named["cmyk.jpg"].read_bytes(), LIMITS).frames[0]
-    original = decode(named["photo-0.jpg"].read_bytes(), LIMITS).frames[0]
-    assert frame.mode == "RGB"
-    assert np.abs(_pixels(frame) - _pixels(original)).mean() < 5  # colours not inverted
+@RELIABILITY
+def test_corpus_cmyk_matches_the_rgb_original(named: dict[str, Path], observe: Observe) -> None:
+    with Image.open(named["cmyk.jpg"]) as check, Image.open(named["photo-0.jpg"]) as rgb:
+        mode, original = check.mode, _pixels(rgb)
+    decoded = decode(named["cmyk.jpg"].read_bytes(), LIMITS)
+    frame = _pixels(decoded.frames[0])
+    difference = np.abs(frame - original).mean()
+    observe(
+        "image.cmyk_jpeg",
+        f"{mode} JPEG {decoded.width}x{decoded.height} decoded to {decoded.frames[0].mode}; mean "
+        f"difference from the RGB original {difference:.2f} levels (with inverted colours it "
+        f"would be {np.abs(255 - frame - original).mean():.0f})",
+        sent=1,
+        received=1,
+    )
+    assert mode == "CMYK"
+    assert decoded.frames[0].mode == "RGB"
+    assert difference < 5  # colours not inverted
 
 
 def test_corpus_animated_gif_samples_first_and_last(named: dict[str, Path]) -> None:
@@ -410,6 +605,44 @@ def test_16_bit_png_is_scaled_not_clipped(tmp_path: Path) -> None:
     assert pixels.std() > 30  # the detail survives
 
 
+def test_16_bit_png_is_narrowed_without_wide_copies() -> None:
+    """At the pixel cap a 16-bit PNG must not need a GiB on top of its pixels: int64 copies
+    cost 16 bytes a pixel. tracemalloc sees numpy's buffers (not Pillow's), which is where
+    the narrowing happens."""
+    height, width = 1000, 2000
+    wide = (np.arange(height * width, dtype=np.uint32) * 37 % 65536).astype(np.uint16)
+    data = _encode(Image.fromarray(wide.reshape(height, width)), "PNG", compress_level=1)
+    decode(data, LIMITS)  # warm-up: first-call caches are not the decode's
+    tracemalloc.start()
+    try:
+        frame = decode(data, LIMITS).frames[0]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert np.array_equal(np.asarray(frame)[..., 0].ravel(), (wide >> 8).astype(np.uint8))
+    # The uint16 pixels (2 bytes) and their shifted copy (2), then the 8-bit result (1).
+    assert peak < 6 * width * height, f"{peak / (width * height):.1f} bytes a pixel"
+
+
+@pytest.mark.parametrize("seam", ["header", "frames"])
+def test_memory_error_is_not_a_corrupt_image(monkeypatch: pytest.MonkeyPatch, seam: str) -> None:
+    """Running out of memory says nothing about the image: as ``corrupt_image`` a valid upload
+    would be refused for good. It is ``resource_exhausted``, which the worker retries."""
+    data = _encode(_photo(32, 24), "PNG")
+
+    def exhausted(*args: object, **kwargs: object) -> Image.Image:
+        raise MemoryError
+
+    if seam == "header":
+        monkeypatch.setattr(Image, "open", exhausted)
+    else:
+        monkeypatch.setattr("worker.decode._to_rgb", exhausted)
+    with pytest.raises(ResourceExhausted) as info:
+        decode(data, LIMITS)
+    assert info.value.code == "resource_exhausted" and info.value.retryable
+    assert isinstance(info.value.__cause__, MemoryError)
+
+
 def test_draft_size_shrinks_large_jpeg(tmp_path: Path) -> None:
     large = _photo(500, 375).resize((4000, 3000), Image.Resampling.BILINEAR)
     path = _write(tmp_path, "large.jpg", _encode(large, "JPEG", quality=80))
@@ -491,45 +724,19 @@ def test_formats_off_the_allowlist_are_refused(
 
 # --- property: decode never raises outside the ModqError tree ----------------------------------
 
-FUZZ_LIMITS = DecodeLimits(max_bytes=1 << 20, max_pixels=4_000_000, max_frames=64, sample_frames=4)
-
-
-@cache
-def _seeds() -> tuple[bytes, ...]:
-    base = _photo(24, 18, seed=3)
-    frames = [Image.new("RGB", (16, 12), (60 * i, 255 - 60 * i, 90)) for i in range(4)]
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    return (
-        _encode(base, "PNG"),
-        _encode(base, "JPEG", quality=85),
-        _encode(base, "JPEG", exif=exif, progressive=True),
-        _encode(base.convert("CMYK"), "JPEG"),
-        _encode(base, "GIF"),
-        _encode(frames[0], "GIF", save_all=True, append_images=frames[1:]),
-        _encode(frames[0], "PNG", save_all=True, append_images=frames[1:]),
-        _encode(frames[0], "WEBP", save_all=True, append_images=frames[1:]),
-        _encode(base, "WEBP"),
-        _encode(base, "BMP"),
-        _encode(base, "TIFF"),
-        _encode(base, "TIFF", compression="tiff_lzw"),
-        _encode(Image.fromarray(np.arange(24 * 18, dtype=np.uint16).reshape(18, 24)), "PNG"),
-    )
-
 
 def _decode_contract(data: bytes, draft: int | None) -> None:
-    """decode() returns a DecodedImage of RGB frames or raises a ModqError: nothing else.
+    """decode() returns RGB frames within the limits or raises a ModqError: nothing else.
     Pillow's warnings about odd metadata are not errors (outside pytest they are only logged),
-    so they are silenced here; the contract is about what decode() raises."""
+    so they are silenced here; the contract is about what decode() raises and returns. The
+    same contract, run in a capped process for a time budget: tests/unit/test_decode_fuzz.py."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             decoded = decode(data, FUZZ_LIMITS, draft)
         except ModqError:
             return
-    assert isinstance(decoded, DecodedImage)
-    assert decoded.frames
-    assert all(frame.mode == "RGB" for frame in decoded.frames)
+    check_decoded(decoded, FUZZ_LIMITS)
 
 
 @settings(max_examples=200, deadline=None, database=None)
@@ -540,7 +747,7 @@ def test_decode_arbitrary_bytes(data: bytes, draft: int | None) -> None:
 
 @st.composite
 def _mutated(draw: st.DrawFn) -> bytes:
-    data = bytearray(draw(st.sampled_from(_seeds())))
+    data = bytearray(draw(st.sampled_from(seed_images())))
     for _ in range(draw(st.integers(1, 6))):
         kind = draw(st.sampled_from(["flip", "truncate", "insert", "delete"]))
         at = draw(st.integers(0, max(0, len(data) - 1)))

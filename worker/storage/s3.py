@@ -5,8 +5,9 @@ object version. The key is everything after the first ``/`` up to the first ``?`
 percent-escapes in it are decoded, and anything else is taken as written, so both
 ``s3://b/a%20b/%C3%BC.jpg`` and ``s3://b/a b/ü.jpg`` name the key ``a b/ü.jpg``. A key that
 itself holds ``?`` or a ``%`` followed by two hex digits must spell them ``%3F`` and ``%25``;
-``#`` is part of the key (S3 has no fragments). ``s3_ref`` writes references in that form,
-so what ``iter_objects`` yields always parses back to the same key.
+``#`` is part of the key (S3 has no fragments). Keys with a ``.`` or ``..`` segment are refused
+(a path-normalising proxy would resolve them out of the bucket). ``s3_ref`` writes references
+in that form, so what ``iter_objects`` yields parses back to the same key, or is refused.
 
 Only buckets the operator allowed are read; an empty allowlist allows none. boto3 is imported
 where a client is first needed, so producers that import ``worker.storage`` never load it.
@@ -128,7 +129,16 @@ def _split(ref: str) -> tuple[str, str, str | None]:
         raise InvalidReference(f"{ref!r}: the key's percent-escapes are not UTF-8") from exc
     if len(key.encode()) > MAX_KEY_BYTES:
         raise InvalidReference(f"{ref!r}: the key is over {MAX_KEY_BYTES} bytes")
+    _refuse_dot_segments(ref, key)
     return bucket, key, _version(ref, query) if has_query else None
+
+
+def _refuse_dot_segments(ref: str, key: str) -> None:
+    # S3 takes "../other/key" literally, but botocore puts the key in the request path, and a
+    # proxy or S3-compatible server that normalises paths would resolve "/allowed/../other/key"
+    # to a bucket the allowlist never saw. Checked after unescaping: %2E%2E is ".." too.
+    if any(segment in (".", "..") for segment in key.split("/")):
+        raise InvalidReference(f"{ref!r}: a '.' or '..' segment in the key is not allowed")
 
 
 def _version(ref: str, query: str) -> str:
