@@ -114,6 +114,19 @@ class S3World:
             if self.source_holds(u.ref) and u.ref.rsplit("/", 1)[-1] in copies
         )
 
+    def wait_for_all(
+        self, collector: Collector, timeout: float, what: str, settle: float = 1.0
+    ) -> float:
+        """Wait until every upload has a result, then ``settle`` seconds more so a late
+        duplicate shows up; returns the seconds the wait took."""
+        took = wait_until(
+            lambda: collector.poll() or len(collector.results) == len(self.uploads),
+            timeout=timeout,
+            what=what,
+        )
+        time.sleep(settle)
+        return took
+
     def tally(self, collector: Collector) -> Tally:
         collector.poll()
         return Ledger(self.uploads).tally(

@@ -211,12 +211,9 @@ def test_s3_stopped_then_failing_then_back(
     proxy.set_state("failing")
     time.sleep(3.0)
     proxy.set_state("up")
-    took = wait_until(
-        lambda: collector.poll() or len(collector.results) == len(world.uploads),
-        timeout=180,
-        what="every request answered after the outage",
+    took = world.wait_for_all(
+        collector, timeout=180, what="every request answered after the outage", settle=1.0
     )
-    time.sleep(1.0)
     tally = world.tally(collector)
     retries = gauge(worker, 'modq_retries_total{code="storage_unavailable"}')
     observe(
@@ -248,12 +245,9 @@ def test_crash_between_quarantine_copy_and_delete(
     answered_before = len(collector.results)
 
     start_worker(env, launcher=launcher)  # the marker is there: this one runs normally
-    took = wait_until(
-        lambda: collector.poll() or len(collector.results) == len(world.uploads),
-        timeout=120,
-        what="every request answered after the crash",
+    took = world.wait_for_all(
+        collector, timeout=120, what="every request answered after the crash", settle=1.0
     )
-    time.sleep(1.0)
     tally = world.tally(collector)
     observe(
         "fault.crash_quarantine",
@@ -336,12 +330,9 @@ def test_sigterm_during_load(
     broker.close()
 
     start_worker(world.env)
-    took = wait_until(
-        lambda: collector.poll() or len(collector.results) == len(world.uploads),
-        timeout=180,
-        what="the rest answered by the next worker",
+    took = world.wait_for_all(
+        collector, timeout=180, what="the rest answered by the next worker", settle=1.0
     )
-    time.sleep(1.0)
     tally = world.tally(collector)
     observe(
         "fault.sigterm",
