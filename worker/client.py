@@ -14,11 +14,14 @@ import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import redis
 from celery import Celery
+from kombu.exceptions import OperationalError
 
 from worker.celery_app import MODERATE_TASK, create_app
 from worker.config import Settings
 from worker.messages import ModerationRequest
+from worker.pending import PendingRequests
 
 __all__ = ["Client", "new_request_id", "submit"]
 
@@ -36,6 +39,7 @@ class Client:
             settings = settings.model_copy(update={"broker_url": broker_url})
         self.settings = settings
         self.app: Celery = create_app(settings)
+        self.pending = PendingRequests.from_settings(settings)
 
     def request(
         self,
@@ -57,10 +61,17 @@ class Client:
         )
 
     def send(self, request: ModerationRequest, **options: Any) -> str:
-        """Enqueue one validated request; returns its ``request_id``."""
+        """Enqueue one validated request; returns its ``request_id``. On a Redis broker the
+        request is recorded first, so a worker can re-send it if the transport loses it."""
+        message = request.model_dump(mode="json", exclude_defaults=True)
+        if self.pending is not None:
+            try:
+                self.pending.record(request.request_id, message)
+            except redis.RedisError as exc:
+                raise OperationalError(f"cannot record the request on the broker: {exc}") from exc
         self.app.send_task(
             MODERATE_TASK,
-            args=[request.model_dump(mode="json", exclude_defaults=True)],
+            args=[message],
             queue=self.settings.queue,
             task_id=request.request_id,
             **options,
@@ -79,6 +90,8 @@ class Client:
         return self.send(self.request(image, **fields))
 
     def close(self) -> None:
+        if self.pending is not None:
+            self.pending.close()
         self.app.close()
 
     def __enter__(self) -> Client:

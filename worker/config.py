@@ -70,6 +70,12 @@ class Settings(BaseSettings):
         description="extra kombu transport options as JSON, e.g. "
         '{"unacked_restore_interval": 1}; visibility_timeout comes from its own setting',
     )
+    pending_sweep_s: float = Field(
+        30.0,
+        ge=0,
+        description="Redis broker: how often a worker looks for requests the transport lost "
+        "(popped, never unacked) and re-sends them; 0 = producers record nothing, no sweep",
+    )
     max_retries: int = Field(8, ge=0)
     retry_backoff_max_s: int = Field(120, ge=1)
     metrics_port: int = Field(9808, ge=0, le=65535, description="Prometheus port; 0 = off")

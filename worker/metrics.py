@@ -11,6 +11,7 @@ __all__ = [
     "ERRORS",
     "FORWARD_SECONDS",
     "IN_FLIGHT",
+    "PENDING_RESENT",
     "PUBLISHED",
     "QUEUE_WAIT_SECONDS",
     "RETRIES",
@@ -34,4 +35,7 @@ DEAD_LETTERS = Counter(
 )
 PUBLISHED = Counter(
     "modq_results_published_total", "Results published to callbacks", ["scheme", "status"]
+)
+PENDING_RESENT = Counter(
+    "modq_pending_resent_total", "Requests the Redis transport lost, re-sent from their record"
 )

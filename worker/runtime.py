@@ -14,7 +14,9 @@ from typing import Any
 
 from worker.cache.results import ResultStore
 from worker.config import Settings
+from worker.errors import CacheUnavailable
 from worker.log import get_logger
+from worker.pending import PendingRequests, Sweeper
 from worker.pipeline import PerceptualOptions, Pipeline, PipelineOptions
 from worker.policy import POLICY_NAMES, Policy, load_policy
 from worker.service import ModerationService
@@ -31,8 +33,40 @@ class Runtime:
     settings: Settings
     pipeline: Pipeline
     service: ModerationService
+    #: the producers' record of requests on a Redis broker (``None`` on another broker)
+    pending: PendingRequests | None = None
+    sweeper: Sweeper | None = None
+
+    def start_sweeper(self, send_task: SendTask) -> None:
+        """Look for requests the broker lost every ``pending_sweep_s`` (see worker.pending)."""
+        if self.pending is None or self.sweeper is not None:
+            return
+        from worker.celery_app import MODERATE_TASK
+
+        queue = self.settings.queue
+
+        def resend(request_id: str, message: dict[str, Any]) -> None:
+            send_task(MODERATE_TASK, args=[message], queue=queue, task_id=request_id)
+
+        self.sweeper = Sweeper(
+            self.pending, self._has_result, resend, self.settings.pending_sweep_s
+        )
+        self.sweeper.start()
+
+    def _has_result(self, request_id: str) -> bool | None:
+        results = self.service.results
+        if results is None:
+            return False
+        try:
+            return results.get(request_id) is not None
+        except CacheUnavailable:
+            return None
 
     def close(self) -> None:
+        if self.sweeper is not None:
+            self.sweeper.stop()
+        if self.pending is not None:
+            self.pending.close()
         self.pipeline.close()
 
 
@@ -78,7 +112,7 @@ def build_runtime(settings: Settings, send_task: SendTask) -> Runtime:
         settings.default_callback,
     )
     log.info("worker ready", model=backend.describe(), batch=settings.max_batch_size)
-    return Runtime(settings, pipeline, service)
+    return Runtime(settings, pipeline, service, PendingRequests.from_settings(settings))
 
 
 _lock = threading.Lock()

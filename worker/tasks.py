@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import redis
 import structlog
 from celery import Task, shared_task
 from celery.exceptions import Reject
@@ -67,6 +68,7 @@ def moderate(self: Task, message: Any) -> dict[str, Any]:
                 raise _retry(self, settings, InternalError.code, exc) from exc
             handled = runtime.service.fail(request, InternalError(f"internal error: {exc!r}"))
         _dead_letter(self, settings, message, handled)
+        _forget(runtime, self.request.id)
         result = handled.result
         log.info(
             "published",
@@ -91,6 +93,7 @@ def _retry(task: Task, settings: Settings, code: str, exc: Exception) -> Excepti
         countdown=round(countdown, 2),
     )
     metrics.RETRIES.labels(code).inc()
+    _renew(_runtime(task), task.request.id)
     try:
         retry: Exception = task.retry(countdown=countdown)
     except Reject as exc:
@@ -131,7 +134,30 @@ def _reject_invalid(
             error,
         )
     _dead_letter(task, runtime.settings, message, handled)
+    _forget(runtime, task.request.id)
     return {"request_id": request_id, "status": "error"}
+
+
+def _forget(runtime: Runtime, task_id: str) -> None:
+    """The result is out: the request leaves the producers' record before its ack."""
+    if runtime.pending is None:
+        return
+    try:
+        runtime.pending.forget(task_id)
+    except redis.RedisError as exc:
+        # Harmless: the sweeper finds its stored result and forgets it then.
+        log.warning("could not forget a finished request", error=str(exc))
+
+
+def _renew(runtime: Runtime, task_id: str) -> None:
+    """A retry goes to the back of the queue: give it a new place in the record first, or
+    the sweeper would take it, waiting behind a backlog, for one the broker lost."""
+    if runtime.pending is None:
+        return
+    try:
+        runtime.pending.renew(task_id)
+    except redis.RedisError as exc:
+        log.warning("could not renew a retried request", error=str(exc))
 
 
 def _dead_letter(task: Task, settings: Settings, message: Any, handled: Handled) -> None:
@@ -165,7 +191,7 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
 
         start_http_server(settings.metrics_port)
     if app is not None:
-        get_runtime(settings, app.send_task)
+        get_runtime(settings, app.send_task).start_sweeper(app.send_task)
 
 
 @worker_shutdown.connect  # type: ignore[untyped-decorator]

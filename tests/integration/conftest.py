@@ -93,10 +93,16 @@ _dbs = iter(range(2, 64, 2))  # the test redis-server has 64 databases
 
 
 @pytest.fixture
+def db_pair() -> int:
+    """A broker database of this test's own on the session's Redis; the next one is its cache."""
+    return next(_dbs)
+
+
+@pytest.fixture
 def start_worker(
-    tmp_path: Path, redis_server: RedisServer, s3_moto: S3Server
+    tmp_path: Path, redis_server: RedisServer, s3_moto: S3Server, db_pair: int
 ) -> Iterator[WorkerFactory]:
-    factory = WorkerFactory(tmp_path, redis_server, s3_moto, next(_dbs))
+    factory = WorkerFactory(tmp_path, redis_server, s3_moto, db_pair)
     yield factory
     for worker in factory.started:
         worker.stop()

@@ -39,11 +39,13 @@ CALLBACK = f"redis-stream://{STREAM}"
 
 # A message held by a dead worker comes back after the visibility timeout; kombu looks for
 # such messages every interval x throttle seconds (100 s by default). The tests shorten both,
-# keeping the timeout above task time limit + retry wait as the worker demands.
+# keeping the timeout above task time limit + retry wait as the worker demands, and look for
+# requests the transport lost every second (30 s by default).
 QUICK_REDELIVERY = {
     "MODQ_TASK_TIME_LIMIT_S": "20",
     "MODQ_RETRY_BACKOFF_MAX_S": "2",
     "MODQ_VISIBILITY_TIMEOUT_S": "25",
+    "MODQ_PENDING_SWEEP_S": "1",
     "MODQ_BROKER_TRANSPORT_OPTIONS": json.dumps(
         {"unacked_restore_interval": 1, "unacked_restore_throttle": 1}
     ),

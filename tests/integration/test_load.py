@@ -26,7 +26,7 @@ from tests.support.worker_process import WorkerProcess
 pytestmark = [pytest.mark.integration, pytest.mark.reliability]
 
 # Keys Celery and kombu keep in the broker database whatever the load: bindings, the queues,
-# the unacked bookkeeping, and the results stream of this test.
+# the unacked bookkeeping, modq's sequence of pending requests, and this test's results stream.
 BROKER_BOOKKEEPING = ("_kombu.", "unacked", "modq", "test-stream")
 
 
@@ -118,3 +118,6 @@ def test_thousands_of_requests_through_one_worker(
     # Results and verdicts live in the cache database; the broker's keys do not grow with load.
     assert all(k.startswith(BROKER_BOOKKEEPING) for k in broker), sorted(broker)[:10]
     assert len(broker) <= 12
+    # Every request left the producers' record of pending requests once answered.
+    assert not {"modq:v1:pending:modq", "modq:v1:pending:modq:messages"} & set(broker)
+    assert "modq:v1:pending:seq" in broker, "the producer recorded nothing"

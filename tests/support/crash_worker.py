@@ -8,7 +8,9 @@ a normal worker, so the redelivered message goes through. The points:
 
 - ``quarantine-delete``: the verified copy and its record are in quarantine, the source is
   not yet deleted;
-- ``publish-ack``: the result is published, the message is not yet acked.
+- ``publish-ack``: the result is published, the message is not yet acked;
+- ``deliver``: the Redis transport has popped the message (``BRPOP``) and not yet recorded
+  it as unacked, the gap where the broker itself forgets it.
 
 The worker's own code is unchanged: the crash wraps the real methods from outside.
 """
@@ -72,9 +74,16 @@ def _publish_ack(marker: Path) -> None:
     ModerationService._publish = _after(ModerationService._publish, marker)  # type: ignore[method-assign]
 
 
+def _deliver(marker: Path) -> None:
+    from kombu.transport import redis
+
+    redis.QoS.append = _before(redis.QoS.append, marker)  # type: ignore[method-assign]
+
+
 POINTS: dict[str, Callable[[Path], None]] = {
     "quarantine-delete": _quarantine_delete,
     "publish-ack": _publish_ack,
+    "deliver": _deliver,
 }
 
 

@@ -91,6 +91,12 @@ SCENARIOS: dict[str, Scenario] = {
         "crash between publish and ack",
         "the re-delivery re-publishes the identical stored result; nothing re-runs",
     ),
+    "fault.lost_in_transport": Scenario(
+        _F,
+        "crash between the broker's pop and the unacked record (Redis transport)",
+        "the message, gone from the broker, is re-sent from the producers' record; "
+        "every request answered",
+    ),
     "fault.sigterm": Scenario(
         _F,
         "SIGTERM during load",
