@@ -58,7 +58,7 @@ def main() -> None:
         backlog = args.requests * args.rounds * 2
         with Client(Settings(broker_url=broker)) as client:
             assert client.pending is not None
-            sweeper = Sweeper(client.pending, lambda _: False, lambda *_: None, 30.0)
+            sweeper = Sweeper(client.pending, lambda *_: None, 30.0)
             started = time.perf_counter()
             report = sweeper.sweep()
             sweep_ms = (time.perf_counter() - started) * 1000

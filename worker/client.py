@@ -10,6 +10,7 @@ the same pydantic model the worker uses.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -21,7 +22,7 @@ from kombu.exceptions import OperationalError
 from worker.celery_app import MODERATE_TASK, create_app
 from worker.config import Settings
 from worker.messages import ModerationRequest
-from worker.pending import PendingRequests
+from worker.pending import PendingRequests, kept_options
 
 __all__ = ["Client", "new_request_id", "submit"]
 
@@ -66,16 +67,23 @@ class Client:
         message = request.model_dump(mode="json", exclude_defaults=True)
         if self.pending is not None:
             try:
-                self.pending.record(request.request_id, message)
+                self.pending.record(request.request_id, message, kept_options(options))
             except redis.RedisError as exc:
                 raise OperationalError(f"cannot record the request on the broker: {exc}") from exc
-        self.app.send_task(
-            MODERATE_TASK,
-            args=[message],
-            queue=self.settings.queue,
-            task_id=request.request_id,
-            **options,
-        )
+        try:
+            self.app.send_task(
+                MODERATE_TASK,
+                args=[message],
+                queue=self.settings.queue,
+                task_id=request.request_id,
+                **options,
+            )
+        except Exception:
+            # The caller is told it failed: a re-send must not deliver it behind its back.
+            if self.pending is not None:
+                with contextlib.suppress(redis.RedisError):
+                    self.pending.forget(request.request_id)
+            raise
         return request.request_id
 
     def send_many(self, requests: Iterable[ModerationRequest]) -> Iterator[ModerationRequest]:

@@ -14,14 +14,13 @@ from typing import Any
 
 from worker.cache.results import ResultStore
 from worker.config import Settings
-from worker.errors import CacheUnavailable
 from worker.log import get_logger
-from worker.pending import PendingRequests, Sweeper
+from worker.pending import PendingRequests, Sweeper, resend_options
 from worker.pipeline import PerceptualOptions, Pipeline, PipelineOptions
 from worker.policy import POLICY_NAMES, Policy, load_policy
 from worker.service import ModerationService
 
-__all__ = ["Runtime", "build_runtime", "close_runtime", "get_runtime"]
+__all__ = ["Runtime", "build_runtime", "close_runtime", "current_runtime", "get_runtime"]
 
 log = get_logger(__name__)
 
@@ -45,22 +44,17 @@ class Runtime:
 
         queue = self.settings.queue
 
-        def resend(request_id: str, message: dict[str, Any]) -> None:
-            send_task(MODERATE_TASK, args=[message], queue=queue, task_id=request_id)
+        def resend(request_id: str, message: dict[str, Any], options: dict[str, Any]) -> None:
+            send_task(
+                MODERATE_TASK,
+                args=[message],
+                queue=queue,
+                task_id=request_id,
+                **resend_options(options),
+            )
 
-        self.sweeper = Sweeper(
-            self.pending, self._has_result, resend, self.settings.pending_sweep_s
-        )
+        self.sweeper = Sweeper(self.pending, resend, self.settings.pending_sweep_s)
         self.sweeper.start()
-
-    def _has_result(self, request_id: str) -> bool | None:
-        results = self.service.results
-        if results is None:
-            return False
-        try:
-            return results.get(request_id) is not None
-        except CacheUnavailable:
-            return None
 
     def close(self) -> None:
         if self.sweeper is not None:
@@ -126,6 +120,11 @@ def get_runtime(settings: Settings, send_task: SendTask) -> Runtime:
         if _runtime is None:
             _runtime = build_runtime(settings, send_task)
         return _runtime
+
+
+def current_runtime() -> Runtime | None:
+    """This process's runtime if it was built, without building it."""
+    return _runtime
 
 
 def close_runtime() -> None:

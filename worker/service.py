@@ -97,6 +97,9 @@ class ModerationService:
             return stored
         result = self.pipeline.apply_action(stored)
         if result.error is not None:
+            finished = self._finished_elsewhere(stored.request_id)
+            if finished is not None:
+                return finished
             if result.error.retryable and may_retry:
                 raise TransientFailure(result.error)
             return result
@@ -108,6 +111,15 @@ class ModerationService:
                     "result store unavailable", request_id=result.request_id, error=str(exc)
                 )
         return result
+
+    def _finished_elsewhere(self, request_id: str) -> ModerationResult | None:
+        """Two deliveries of one request can run at once (a re-send, a redelivery while the
+        first still runs): when the other finished the action first, its result is the one."""
+        stored = self._stored(request_id)
+        if stored is None or self.pipeline.action_pending(stored):
+            return None
+        log.info("action finished by a concurrent delivery", request_id=request_id)
+        return stored
 
     def fail(self, request: ModerationRequest, exc: PermanentError) -> Handled:
         """Publish an error result for a request that cannot be moderated at all."""

@@ -12,7 +12,7 @@ import redis
 import structlog
 from celery import Task, shared_task
 from celery.exceptions import Reject
-from celery.signals import worker_init, worker_shutdown
+from celery.signals import task_revoked, worker_init, worker_shutdown
 from pydantic import ValidationError
 
 from worker import metrics
@@ -21,7 +21,7 @@ from worker.config import Settings
 from worker.errors import InternalError, InvalidRequest, RetryableError
 from worker.log import configure_logging, get_logger
 from worker.messages import ModerationRequest
-from worker.runtime import Runtime, close_runtime, get_runtime
+from worker.runtime import Runtime, close_runtime, current_runtime, get_runtime
 from worker.service import Handled, TransientFailure, error_result
 
 __all__ = ["backoff_seconds", "moderate"]
@@ -192,6 +192,15 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
         start_http_server(settings.metrics_port)
     if app is not None:
         get_runtime(settings, app.send_task).start_sweeper(app.send_task)
+
+
+@task_revoked.connect  # type: ignore[untyped-decorator]
+def _on_task_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
+    """Celery acks a revoked or expired request without running it: no result will come,
+    so the request leaves the producers' record rather than being re-sent."""
+    runtime = current_runtime()
+    if getattr(sender, "name", None) == "modq.moderate" and request is not None and runtime:
+        _forget(runtime, request.id)
 
 
 @worker_shutdown.connect  # type: ignore[untyped-decorator]

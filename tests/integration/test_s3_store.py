@@ -451,3 +451,21 @@ def test_source_outside_the_allowlist_is_forbidden(store: S3Store, admin: Any, v
     with pytest.raises(ForbiddenReference):
         S3Quarantine(store, f"s3://{vault}/q/", "move").apply(s3_ref(vault, "a.jpg"), SHA, RECORD)
     assert _body(admin, s3_ref(vault, "a.jpg")) == SCORED
+
+
+def test_a_concurrent_delivery_that_finished_the_move_first_is_not_reported_missing(
+    store: S3Store, admin: Any, bucket: str, vault: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two deliveries of one request at once: the second looked for a verified copy before
+    the first made one, and reaches the source after the first deleted it."""
+    admin.put_object(Bucket=bucket, Key="a.jpg", Body=SCORED)
+    ref = s3_ref(bucket, "a.jpg")
+    quarantine = S3Quarantine(store, f"s3://{vault}/", "move")
+    first = quarantine.apply(ref, SHA, RECORD)
+    verified = quarantine._verified
+    stale = [False]  # the second delivery's first look, taken before the copy existed
+    monkeypatch.setattr(
+        quarantine, "_verified", lambda t, s: stale.pop() if stale else verified(t, s)
+    )
+    assert quarantine.apply(ref, SHA, RECORD) == first
+    assert stale == [] and _body(admin, first) == SCORED and not _exists(admin, bucket, "a.jpg")

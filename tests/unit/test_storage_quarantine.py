@@ -375,3 +375,21 @@ def test_s3_quarantine_needs_an_s3_store(tmp_path: Path) -> None:
     settings = Settings(quarantine_uri="s3://vault/")
     with pytest.raises(ConfigError, match="s3://"):
         build_quarantine(settings, LocalStore([tmp_path]))
+
+
+def test_a_concurrent_delivery_that_finished_the_move_first_is_not_reported_missing(
+    source: Path, quarantine: LocalQuarantine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two deliveries of one request at once: the second looked for a verified copy before
+    the first made one, and reaches the source after the first deleted it."""
+    ref, sha = file_ref(source), _sha(SCORED)
+    first = quarantine.apply(ref, sha, {"verdict": "block"})  # the first delivery, in full
+    verified = LocalQuarantine._verified
+    stale = [False]  # the second delivery's first look, taken before the copy existed
+    monkeypatch.setattr(
+        LocalQuarantine,
+        "_verified",
+        staticmethod(lambda t, s: stale.pop() if stale else verified(t, s)),
+    )
+    assert quarantine.apply(ref, sha, {"verdict": "block"}) == first
+    assert stale == [] and Path(first).read_bytes() == SCORED and not source.exists()

@@ -35,8 +35,13 @@ class LocalQuarantine:
         target = self.target_for(source, sha256)
         try:
             self.destination.mkdir(parents=True, exist_ok=True)
-            if not (target.exists() and file_sha256(target) == sha256):
-                self._place_copy(source, target, sha256)
+            if not self._verified(target, sha256):
+                try:
+                    self._place_copy(source, target, sha256)
+                except ObjectNotFound:
+                    # Moved meanwhile by a concurrent delivery of the same request?
+                    if not self._verified(target, sha256):
+                        raise
             self._write_record(
                 target, {**record, "source": ref, "sha256": sha256, "action": self.action}
             )
@@ -45,6 +50,10 @@ class LocalQuarantine:
         except OSError as exc:
             raise StorageUnavailable(f"quarantine of {ref} failed: {exc}") from exc
         return str(target)
+
+    @staticmethod
+    def _verified(target: Path, sha256: str) -> bool:
+        return target.exists() and file_sha256(target) == sha256
 
     def _place_copy(self, source: Path, target: Path, sha256: str) -> None:
         if not source.exists():

@@ -77,7 +77,8 @@ class S3Quarantine:
             return self._tag(source, sha256, record)
         target = self.target_for(source, sha256)
         if not self._verified(target, sha256):
-            self._place_copy(source, target, sha256, record)
+            with self._moved_meanwhile(target, sha256):
+                self._place_copy(source, target, sha256, record)
         self._write_record(target, {**record, "source": ref, "sha256": sha256})
         if self.action == "move":
             self._delete_source(source, sha256)
@@ -90,7 +91,8 @@ class S3Quarantine:
         path = self.local.confine(ref)
         target = S3Location(self.bucket, f"{self.prefix}{sha256[:16]}-{path.name}")
         if not self._verified(target, sha256):
-            self._upload(path, target, sha256, record, ref)
+            with self._moved_meanwhile(target, sha256):
+                self._upload(path, target, sha256, record, ref)
         self._write_record(target, {**record, "source": ref, "sha256": sha256})
         if self.action == "move":
             try:
@@ -121,6 +123,16 @@ class S3Quarantine:
             )
         if not self._verified(target, sha256):
             raise StorageUnavailable(f"the copy of {ref} at {target.ref} did not verify")
+
+    @contextmanager
+    def _moved_meanwhile(self, target: S3Location, sha256: str) -> Iterator[None]:
+        """A source that vanished while copying may have been moved by a concurrent
+        delivery of the same request: with its verified copy in place, the move is done."""
+        try:
+            yield
+        except ObjectNotFound:
+            if not self._verified(target, sha256):
+                raise
 
     def _verified(self, target: S3Location, sha256: str) -> bool:
         try:
