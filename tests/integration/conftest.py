@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import DATABASES, RedisServer
 from tests.support.s3_server import CREDENTIALS, S3Server
 from tests.support.worker_process import WorkerProcess
 
@@ -89,7 +89,7 @@ class WorkerFactory:
         return worker.start()
 
 
-_dbs = iter(range(2, 64, 2))  # the test redis-server has 64 databases
+_dbs = iter(range(2, DATABASES, 2))
 
 
 @pytest.fixture

@@ -15,9 +15,11 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-__all__ = ["RedisServer", "free_port", "redis_server_binary"]
+__all__ = ["DATABASES", "RedisServer", "free_port", "redis_server_binary"]
 
 _DEFAULT_PORT = 6379  # someone else's Redis: never ours
+#: databases of a test server: a broker/cache pair for every test that runs a worker
+DATABASES = 256
 
 
 def redis_server_binary() -> str | None:
@@ -74,7 +76,7 @@ class RedisServer:
                 "--dir", str(self.workdir),
                 "--logfile", str(self.log_path),
                 "--daemonize", "no",
-                "--databases", "64",  # one pair per worker test
+                "--databases", str(DATABASES),  # one pair per worker test
                 *self.persistence,
             ],
             stdin=subprocess.DEVNULL,
