@@ -60,6 +60,7 @@ bench: install-dev
 	$(BIN)/python bench/models.py
 	$(BIN)/python bench/scan.py
 	$(BIN)/python -m bench.queue_worker
+	$(BIN)/python bench/producer.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
