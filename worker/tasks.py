@@ -139,25 +139,24 @@ def _reject_invalid(
 
 
 def _forget(runtime: Runtime, task_id: str) -> None:
-    """The result is out: the request leaves the producers' record before its ack."""
-    if runtime.pending is None:
-        return
-    try:
-        runtime.pending.forget(task_id)
-    except redis.RedisError as exc:
-        # Harmless: the sweeper finds its stored result and forgets it then.
-        log.warning("could not forget a finished request", error=str(exc))
+    """The result is out: the request leaves the producers' record before its ack (if this
+    fails, the sweeper re-sends it and the re-delivery re-publishes the stored result)."""
+    _tend_record(runtime, "forget", task_id)
 
 
 def _renew(runtime: Runtime, task_id: str) -> None:
     """A retry goes to the back of the queue: give it a new place in the record first, or
     the sweeper would take it, waiting behind a backlog, for one the broker lost."""
+    _tend_record(runtime, "renew", task_id)
+
+
+def _tend_record(runtime: Runtime, verb: str, task_id: str) -> None:
     if runtime.pending is None:
         return
     try:
-        runtime.pending.renew(task_id)
+        getattr(runtime.pending, verb)(task_id)
     except redis.RedisError as exc:
-        log.warning("could not renew a retried request", error=str(exc))
+        log.warning("pending-request record not updated", verb=verb, error=str(exc))
 
 
 def _dead_letter(task: Task, settings: Settings, message: Any, handled: Handled) -> None:
