@@ -19,11 +19,11 @@ $(VENV)/.torch: $(BIN)/python constraints.txt
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.torch pyproject.toml
-	$(PIP) -e '.[torch]'
+	$(PIP) -e '.[torch,analysis]'
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP) -e '.[torch,dev]'
+	$(PIP) -e '.[torch,analysis,dev]'
 	touch $@
 
 install: $(VENV)/.installed

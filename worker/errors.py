@@ -24,10 +24,15 @@ once released) and whether a retry can help::
     │   │   ├── ModelNotFound          model_not_found
     │   │   ├── UnsafeWeights          unsafe_weights       (pickle files only)
     │   │   └── ModelConfigError       model_config
-    │   └── ConfigError                config
+    │   ├── ConfigError                config
+    │   ├── InvalidHashList            invalid_hash_list    (a bank file rejected whole)
+    │   ├── InvalidDataset             invalid_dataset      (labels, image folders, indexes)
+    │   └── MissingExtra               missing_extra        (an optional dependency)
     └── RetryableError                 retry with capped backoff
         ├── StorageUnavailable         storage_unavailable
         ├── CacheUnavailable           cache_unavailable
+        ├── BankUnavailable            bank_unavailable     (hash banks unreadable: the
+        │                                                    image waits, never skips them)
         ├── DeadlineExceeded           deadline_exceeded
         ├── CallbackFailed             callback_failed      (receiver or broker unreachable)
         ├── InferenceFailed            inference_failed
@@ -40,6 +45,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 __all__ = [
+    "BankUnavailable",
     "CacheUnavailable",
     "CallbackFailed",
     "ConfigError",
@@ -52,8 +58,11 @@ __all__ = [
     "InferenceFailed",
     "InternalError",
     "InvalidCallback",
+    "InvalidDataset",
+    "InvalidHashList",
     "InvalidReference",
     "InvalidRequest",
+    "MissingExtra",
     "ModelConfigError",
     "ModelError",
     "ModelNotFound",
@@ -166,12 +175,28 @@ class ConfigError(PermanentError):
     code = "config"
 
 
+class InvalidHashList(PermanentError):
+    code = "invalid_hash_list"
+
+
+class InvalidDataset(PermanentError):
+    code = "invalid_dataset"
+
+
+class MissingExtra(PermanentError):
+    code = "missing_extra"
+
+
 class StorageUnavailable(RetryableError):
     code = "storage_unavailable"
 
 
 class CacheUnavailable(RetryableError):
     code = "cache_unavailable"
+
+
+class BankUnavailable(RetryableError):
+    code = "bank_unavailable"
 
 
 class DeadlineExceeded(RetryableError):
