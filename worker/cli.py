@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from worker.cli_index import register as register_index_commands
 from worker.cli_queue import register as register_queue_commands
 from worker.config import Settings
 from worker.errors import ModqError
@@ -29,6 +30,7 @@ app.add_typer(models_app, name="models")
 schemas_app = typer.Typer(help="The wire contract as JSON Schema.", no_args_is_help=True)
 app.add_typer(schemas_app, name="schemas")
 register_queue_commands(app)
+register_index_commands(app)
 console = Console(stderr=True)
 
 
@@ -76,6 +78,13 @@ def scan(
     embed: Annotated[
         bool, typer.Option("--embed", help="add the pre-logits embedding to each result")
     ] = False,
+    embedding_sink: Annotated[
+        str | None,
+        typer.Option(
+            help="also stream every embedding to file:///dir, s3://bucket/prefix/ or "
+            "redis-stream://name [env MODQ_EMBEDDING_SINK]"
+        ),
+    ] = None,
     all_files: Annotated[
         bool,
         typer.Option("--all-files", help="in folders, scan every file, not only image suffixes"),
@@ -92,6 +101,7 @@ def scan(
         precision=precision,
         device=device,
         exact_decode=exact_decode or None,
+        embedding_sink=embedding_sink,
     )
     configure_logging(settings.log_level, json=False)
     from worker.scan import run_scan

@@ -108,6 +108,11 @@ class Settings(BaseSettings):
     callback_redis_url: str | None = Field(
         None, description="Redis for redis-stream:// callbacks; default: the broker"
     )
+    embedding_sink: str | None = Field(
+        None,
+        description="stream every embedding the model computes: file:///dir, "
+        "s3://bucket/prefix/ (?format=jsonl|parquet) or redis-stream://name; unset = off",
+    )
     webhook_secret: SecretStr | None = Field(None, description="HMAC-SHA256 key for webhooks")
     webhook_retries: int = Field(5, ge=0)
     webhook_timeout_s: float = Field(10.0, gt=0)
@@ -120,7 +125,12 @@ class Settings(BaseSettings):
         return value
 
     @field_validator(
-        "cache_url", "quarantine_uri", "s3_endpoint_url", "default_callback", mode="before"
+        "cache_url",
+        "quarantine_uri",
+        "s3_endpoint_url",
+        "default_callback",
+        "embedding_sink",
+        mode="before",
     )
     @classmethod
     def _empty_is_none(cls, value: object) -> object:

@@ -8,6 +8,9 @@ __all__ = [
     "BATCH_SIZE",
     "CACHE_OUTCOMES",
     "DEAD_LETTERS",
+    "EMBEDDINGS_DROPPED",
+    "EMBEDDINGS_SUNK",
+    "EMBEDDING_SINK_ERRORS",
     "ERRORS",
     "FORWARD_SECONDS",
     "IN_FLIGHT",
@@ -38,4 +41,11 @@ PUBLISHED = Counter(
 )
 PENDING_RESENT = Counter(
     "modq_pending_resent_total", "Requests the Redis transport lost, re-sent from their record"
+)
+EMBEDDINGS_SUNK = Counter("modq_embeddings_sunk_total", "Embeddings handed to the embedding sink")
+EMBEDDING_SINK_ERRORS = Counter(
+    "modq_embedding_sink_errors_total", "Embedding sink writes or shard flushes that failed"
+)
+EMBEDDINGS_DROPPED = Counter(
+    "modq_embeddings_dropped_total", "Embeddings dropped because the sink's buffer was full"
 )

@@ -27,6 +27,7 @@ from worker.batching import DynamicBatcher
 from worker.cache import CachedEntry, NearMatch, VerdictCache, choose_near_match
 from worker.config import Settings
 from worker.decode import DecodeLimits, decode
+from worker.embeddings.tap import EmbeddingTap
 from worker.errors import CacheUnavailable, ModqError
 from worker.hashing import ImageHashes, hash_image, sha256_hex
 from worker.log import get_logger
@@ -132,6 +133,7 @@ class Pipeline:
         quarantine: Quarantine | None = None,
         options: PipelineOptions | None = None,
         perceptual: PerceptualOptions | None = None,
+        tap: EmbeddingTap | None = None,
     ) -> None:
         self.backend = backend
         self.store = store
@@ -140,6 +142,8 @@ class Pipeline:
         self.quarantine = quarantine
         self.options = options or PipelineOptions()
         self.perceptual = perceptual or PerceptualOptions()
+        # With a tap, every image the model scores has its embedding streamed to a sink.
+        self.tap = tap
         card = backend.card
         draft = "exact" if self.options.exact_decode else f"draft{draft_size(card)}"
         self.namespace = f"{card.cache_namespace}/{draft}"
@@ -153,6 +157,8 @@ class Pipeline:
 
     def close(self) -> None:
         self.batcher.close()
+        if self.tap is not None:
+            self.tap.close()
 
     def __enter__(self) -> Pipeline:
         return self
@@ -241,15 +247,23 @@ class Pipeline:
             hashes=found.hashes,
             action=ActionInfo(kind="none"),
             timings=clock.timings(found.infer_ms),
-            embedding=None if found.embedding is None else [float(v) for v in found.embedding],
+            embedding=None if found.embedding is None or not embed else found.embedding.tolist(),
         )
-        return self._with_action(result) if act else result
+        if self.tap is not None and found.embedding is not None:
+            self.tap.scored(result, found.embedding, self.action_pending(result))
+        if not act:
+            return result
+        acted = self._with_action(result)
+        if self.tap is not None and found.embedding is not None:
+            self.tap.acted(acted)
+        return acted
 
     def _lookup(
         self, data: bytes, sha256: str, clock: Clock, policy: Policy, embed: bool
     ) -> _Lookup:
         """Exact cache tier, then decode and hash, then the perceptual tier, then the model.
-        A request for the embedding always runs the model (the cache keeps no embeddings)."""
+        A request for the embedding always runs the model (the cache keeps no embeddings);
+        with a tap, every model run computes one."""
         entry = None if embed else self._cache_get(sha256)
         if entry is not None:
             hashes = HashInfo(sha256=sha256, phash=entry.phash, dhash=entry.dhash)
@@ -268,7 +282,8 @@ class Pipeline:
             )
         arrays = [self.backend.preprocess(frame) for frame in decoded.frames]
         clock.mark("decode")
-        futures = [self.batcher.submit(_Job(array, embed)) for array in arrays]
+        want = embed or self.tap is not None
+        futures = [self.batcher.submit(_Job(array, want)) for array in arrays]
         inferred = [future.result() for future in futures]
         clock.mark("wait")
         # Animated images: the worst sampled frame decides.
@@ -355,12 +370,18 @@ class Pipeline:
         again after a crash, it finishes what the first run began and returns the same
         result. Failures come back as error results."""
         try:
-            return self._with_action(result)
+            acted = self._with_action(result)
         except ModqError as exc:
             failed = self._error(
                 result.image, result.request_id, Clock(), exc.code, str(exc), exc.retryable
             )
-            return failed.model_copy(update={"metadata": result.metadata})
+            acted = failed.model_copy(update={"metadata": result.metadata})
+            if not exc.retryable and self.tap is not None:
+                self.tap.acted(result)
+            return acted
+        if self.tap is not None:
+            self.tap.acted(acted)
+        return acted
 
     def _with_action(self, result: ModerationResult) -> ModerationResult:
         # Read-only sources (http(s)://) are never acted on: the caller owns the image.

@@ -89,6 +89,12 @@ def build_runtime(settings: Settings, send_task: SendTask) -> Runtime:
         cache = RedisCache.from_settings(settings, client)
         results = RedisResultStore.from_settings(settings, client)
     policy = load_policy(settings.policy, backend.card)
+    tap = None
+    if settings.embedding_sink:
+        from worker.embeddings import open_sink
+        from worker.embeddings.tap import EmbeddingTap
+
+        tap = EmbeddingTap(open_sink(settings.embedding_sink, settings))
     pipeline = Pipeline(
         backend,
         store,
@@ -97,6 +103,7 @@ def build_runtime(settings: Settings, send_task: SendTask) -> Runtime:
         build_quarantine(settings, store),
         PipelineOptions.from_settings(settings),
         PerceptualOptions.from_settings(settings),
+        tap,
     )
     service = ModerationService(
         pipeline,

@@ -124,6 +124,12 @@ def run_scan(
     options = PipelineOptions.from_settings(settings, embed=embed)
     cache = SQLiteCache(settings.verdict_db, settings.perceptual_radius) if use_cache else None
     quarantine = LocalQuarantine(quarantine_to, store) if quarantine_to else None
+    tap = None
+    if settings.embedding_sink:
+        from worker.embeddings import open_sink
+        from worker.embeddings.tap import EmbeddingTap
+
+        tap = EmbeddingTap(open_sink(settings.embedding_sink, settings))
     summary = ScanSummary(model=backend.describe())
     # Enough threads to fill a batch while one runs, bounded by the cores: each thread holds
     # its decoded frames until its batch returns.
@@ -140,6 +146,7 @@ def run_scan(
             quarantine,
             options,
             PerceptualOptions.from_settings(settings),
+            tap,
         ) as pipeline,
         report.open("w") as out,
     ):
