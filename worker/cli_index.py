@@ -14,6 +14,7 @@ from rich.table import Table
 
 from worker.config import Settings
 from worker.errors import ModqError
+from worker.log import configure_logging
 
 __all__ = ["register"]
 
@@ -23,6 +24,12 @@ console = Console(stderr=True)
 class ClusterMethod(StrEnum):
     kmeans = "kmeans"
     hdbscan = "hdbscan"
+
+
+def _settings(**overrides: object) -> Settings:
+    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
+    configure_logging(settings.log_level, json=False)  # on stderr: stdout carries the results
+    return settings
 
 
 def _fail(exc: ModqError) -> typer.Exit:
@@ -46,7 +53,7 @@ def index_build(
     from worker.embeddings import RecordSource
     from worker.similarity import VectorIndex
 
-    settings = Settings()
+    settings = _settings()
     readers = [RecordSource(source, settings) for source in sources]
     try:
         index = VectorIndex.build(chain.from_iterable(readers))
@@ -78,7 +85,7 @@ def similar(
         if known is not None:
             vector = index.vector(known)
         else:
-            settings = Settings(model=model or model_spec_for(index))
+            settings = _settings(model=model or model_spec_for(index))
             vector = embed_image(target, index, settings)
         neighbours = index.search(vector, k)
     except ModqError as exc:
@@ -120,7 +127,7 @@ def cluster(
     from worker.decode import DecodeLimits
     from worker.similarity import VectorIndex, cluster_index, reader_for, write_sheet
 
-    settings = Settings()
+    settings = _settings()
     try:
         index = VectorIndex.open(index_dir)
         clusters = cluster_index(index, only or (), method.value, k, min_cluster_size)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -13,37 +12,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tests.support.cli import run_modq
 from tests.support.corpus import build_corpus
 from worker.messages import CacheOutcome, ModerationResult, Status, Verdict
 from worker.models.registry import PRESETS
 from worker.scan import IMAGE_SUFFIXES
 
-MODQ = Path(sys.executable).parent / "modq"
-TIMEOUT = 180
-
-
-def _env(cache_home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MODQ_")}
-    env.update(
-        XDG_CACHE_HOME=str(cache_home),
-        HF_HUB_OFFLINE="1",
-        COLUMNS="400",  # rich wraps at the terminal width; keep the summary on one line each
-        NO_COLOR="1",
-    )
-    return env
-
 
 def _modq(*args: str | Path, cwd: Path, cache_home: Path) -> subprocess.CompletedProcess[str]:
-    assert MODQ.is_file(), f"the modq console script is not installed next to {sys.executable}"
-    return subprocess.run(
-        [str(MODQ), *map(str, args)],
-        cwd=cwd,
-        env=_env(cache_home),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        check=False,
-    )
+    return run_modq(*args, cwd=cwd, cache_home=cache_home)
 
 
 def _report(path: Path) -> list[ModerationResult]:

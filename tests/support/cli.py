@@ -1,0 +1,39 @@
+"""`modq` as a user runs it: the installed console script in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+__all__ = ["MODQ", "TIMEOUT", "modq_env", "run_modq"]
+
+MODQ = Path(sys.executable).parent / "modq"
+TIMEOUT = 180
+
+
+def modq_env(cache_home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODQ_")}
+    env.update(
+        XDG_CACHE_HOME=str(cache_home),
+        HF_HUB_OFFLINE="1",
+        COLUMNS="400",  # rich wraps at the terminal width; keep the summary on one line each
+        NO_COLOR="1",
+    )
+    return env
+
+
+def run_modq(
+    *args: str | Path, cwd: Path, cache_home: Path, timeout: float = TIMEOUT
+) -> subprocess.CompletedProcess[str]:
+    assert MODQ.is_file(), f"the modq console script is not installed next to {sys.executable}"
+    return subprocess.run(
+        [str(MODQ), *map(str, args)],
+        cwd=cwd,
+        env=modq_env(cache_home),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
