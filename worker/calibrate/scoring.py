@@ -1,0 +1,90 @@
+"""Score a labelled set with the pipeline `modq scan` and the worker run.
+
+Same model loading, decode limits, draft decoding and batching, with no cache and no
+quarantine, so a threshold chosen on these scores means the same thing in the worker.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from worker.calibrate.dataset import LabelledImage
+from worker.config import Settings
+from worker.messages import ModelInfo, ModerationResult, Status
+from worker.models.backend import Backend
+
+__all__ = ["FailedImage", "ScoredImage", "ScoredSet", "score_images"]
+
+
+@dataclass(frozen=True)
+class ScoredImage:
+    image: LabelledImage
+    score: float
+
+
+@dataclass(frozen=True)
+class FailedImage:
+    """An image the pipeline could not score (corrupt, over a limit): left out, reported."""
+
+    image: LabelledImage
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class ScoredSet:
+    scored: list[ScoredImage]  # in CSV order
+    failed: list[FailedImage]
+    model: ModelInfo
+    exact_decode: bool
+
+
+def score_images(
+    settings: Settings,
+    backend: Backend,
+    images: Sequence[LabelledImage],
+    on_result: Callable[[], None] | None = None,
+) -> ScoredSet:
+    """Run every image through ``Pipeline.process_many``; ``on_result`` is called once per
+    finished image (a progress bar)."""
+    from worker.pipeline import Pipeline, PipelineOptions
+    from worker.policy import load_policy
+    from worker.storage import LocalStore, file_ref
+
+    by_ref = {file_ref(image.path): image for image in images}
+    store = LocalStore({image.path.parent for image in images})
+    options = PipelineOptions.from_settings(settings)
+    results: dict[str, ModerationResult] = {}
+    # The policy decides nothing here: verdicts are recomputed from the chosen thresholds.
+    with Pipeline(backend, store, load_policy("default", backend.card), None, None, options) as (
+        pipeline
+    ):
+        for result in pipeline.process_many(by_ref, _concurrency(settings)):
+            results[result.image] = result
+            if on_result is not None:
+                on_result()
+    scored: list[ScoredImage] = []
+    failed: list[FailedImage] = []
+    for ref, image in by_ref.items():
+        result = results[ref]
+        if result.status is Status.OK and result.nsfw_score is not None:
+            scored.append(ScoredImage(image, result.nsfw_score))
+        else:
+            error = result.error
+            code, message = (error.code, error.message) if error else ("internal", "no score")
+            failed.append(FailedImage(image, code, message))
+    model = ModelInfo(
+        id=backend.card.id,
+        revision=backend.card.revision,
+        runtime=backend.card.runtime,
+        precision=backend.precision,
+    )
+    return ScoredSet(scored, failed, model, options.exact_decode)
+
+
+def _concurrency(settings: Settings) -> int:
+    # As in `modq scan`: enough threads to fill a batch while one runs, bounded by the cores.
+    cores = os.cpu_count() or 1
+    return max(4, min(2 * settings.max_batch_size, settings.max_batch_size + 2 * cores))
