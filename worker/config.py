@@ -55,6 +55,18 @@ class Settings(BaseSettings):
         ge=1,
         description="how long a published result is kept so a re-delivery re-publishes it",
     )
+    bank_url: str | None = Field(
+        None,
+        description="Redis of the known-bad hash banks; default: MODQ_CACHE_URL (the worker "
+        "and `modq bank`); `modq scan` checks banks only when this is set",
+    )
+    bank_max_distance: int = Field(31, ge=0, le=63, description="PDQ Hamming distance (256-bit)")
+    bank_quality_min: int = Field(
+        50,
+        ge=0,
+        le=100,
+        description="PDQ quality below which an image is never matched against banks",
+    )
     perceptual_radius: int = Field(6, ge=0, le=16, description="max Hamming distance (64-bit)")
     perceptual_reuse_safe: bool = Field(
         False, description="reuse safe verdicts on perceptual matches (pHash and dHash agree)"
@@ -130,6 +142,7 @@ class Settings(BaseSettings):
         "s3_endpoint_url",
         "default_callback",
         "embedding_sink",
+        "bank_url",
         mode="before",
     )
     @classmethod
@@ -139,6 +152,11 @@ class Settings(BaseSettings):
     @property
     def task_threads(self) -> int:
         return self.concurrency or 2 * self.max_batch_size
+
+    @property
+    def banks_redis_url(self) -> str | None:
+        """Where the hash banks live: MODQ_BANK_URL, else the verdict cache's Redis."""
+        return self.bank_url or self.cache_url
 
     @property
     def verdict_db(self) -> Path:

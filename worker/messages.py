@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
     "ActionInfo",
+    "BankMatchInfo",
     "CacheInfo",
     "CacheOutcome",
     "ErrorInfo",
@@ -64,6 +65,16 @@ class HashInfo(_Frozen):
     sha256: str
     phash: str | None = None
     dhash: str | None = None
+    pdq: str | None = Field(default=None, description="PDQ (256-bit hex), when banks are on")
+    pdq_quality: int | None = Field(default=None, description="PDQ's own quality, 0-100")
+
+
+class BankMatchInfo(_Frozen):
+    """The known-bad hash bank that blocked the image, and how close the match was."""
+
+    bank: str
+    distance: int = Field(description="Hamming distance between the PDQ hashes (0-256)")
+    hash: str = Field(description="the bank's PDQ hash that matched")
 
 
 class ActionInfo(_Frozen):
@@ -156,5 +167,11 @@ class ModerationResult(_Frozen):
     action: ActionInfo | None = None
     timings: Timings = Field(default_factory=Timings)
     embedding: list[float] | None = None
+    bank: BankMatchInfo | None = Field(
+        default=None, description="set when a hash bank blocked the image (the model did not run)"
+    )
+    explanation: str | None = Field(
+        default=None, description="where a heatmap of what drove the score was written"
+    )
     metadata: dict[str, str] = Field(default_factory=dict, description="the request's, echoed")
     error: ErrorInfo | None = None

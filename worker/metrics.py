@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 __all__ = [
+    "BANK_MATCHES",
     "BATCH_SIZE",
     "CACHE_OUTCOMES",
     "DEAD_LETTERS",
@@ -49,3 +50,4 @@ EMBEDDING_SINK_ERRORS = Counter(
 EMBEDDINGS_DROPPED = Counter(
     "modq_embeddings_dropped_total", "Embeddings dropped because the sink's buffer was full"
 )
+BANK_MATCHES = Counter("modq_bank_matches_total", "Images blocked by a hash bank", ["bank"])

@@ -23,16 +23,20 @@ from typing import Literal
 import numpy as np
 
 from worker import metrics
+from worker.banks.base import BankMatch
+from worker.banks.gate import BankGate
+from worker.banks.pdq import PdqHash, pdq_hash
 from worker.batching import DynamicBatcher
 from worker.cache import CachedEntry, NearMatch, VerdictCache, choose_near_match
 from worker.config import Settings
-from worker.decode import DecodeLimits, decode
+from worker.decode import DecodedImage, DecodeLimits, decode
 from worker.embeddings.tap import EmbeddingTap
 from worker.errors import CacheUnavailable, ModqError
 from worker.hashing import ImageHashes, hash_image, sha256_hex
 from worker.log import get_logger
 from worker.messages import (
     ActionInfo,
+    BankMatchInfo,
     CacheInfo,
     CacheOutcome,
     ErrorInfo,
@@ -112,15 +116,17 @@ class _Inferred:
 
 @dataclass(frozen=True)
 class _Lookup:
-    """Scores for one image and where they came from (the model, or a cache tier)."""
+    """Scores for one image and where they came from (the model, or a cache tier), or the
+    hash bank that blocks it before any of them."""
 
-    scores: Scores
+    scores: Scores | None
     outcome: CacheOutcome
     hashes: HashInfo
     frames: int
     distance: int | None = None
     embedding: np.ndarray | None = None
     infer_ms: float = 0.0
+    bank: BankMatch | None = None
 
 
 class Pipeline:
@@ -134,6 +140,7 @@ class Pipeline:
         options: PipelineOptions | None = None,
         perceptual: PerceptualOptions | None = None,
         tap: EmbeddingTap | None = None,
+        banks: BankGate | None = None,
     ) -> None:
         self.backend = backend
         self.store = store
@@ -144,6 +151,8 @@ class Pipeline:
         self.perceptual = perceptual or PerceptualOptions()
         # With a tap, every image the model scores has its embedding streamed to a sink.
         self.tap = tap
+        # Known-bad hash banks, matched by PDQ before any cache tier or the model.
+        self.banks = banks
         card = backend.card
         draft = "exact" if self.options.exact_decode else f"draft{draft_size(card)}"
         self.namespace = f"{card.cache_namespace}/{draft}"
@@ -159,6 +168,8 @@ class Pipeline:
         self.batcher.close()
         if self.tap is not None:
             self.tap.close()
+        if self.banks is not None:
+            self.banks.close()
 
     def __enter__(self) -> Pipeline:
         return self
@@ -228,6 +239,8 @@ class Pipeline:
         sha256 = sha256_hex(data)
         clock.mark("fetch")
         found = self._lookup(data, sha256, clock, policy, embed)
+        if found.bank is not None or found.scores is None:
+            return self._banked(ref, request_id, clock, found, act)
         metrics.CACHE_OUTCOMES.labels(found.outcome.value).inc()
         scores = found.scores
         verdict = policy.decide(scores.nsfw_score)
@@ -258,21 +271,68 @@ class Pipeline:
             self.tap.acted(acted)
         return acted
 
+    def _banked(
+        self, ref: str, request_id: str, clock: Clock, found: _Lookup, act: bool
+    ) -> ModerationResult:
+        """A bank match blocks whatever a model would say; the model does not run."""
+        assert found.bank is not None
+        metrics.BANK_MATCHES.labels(found.bank.bank).inc()
+        metrics.VERDICTS.labels(Verdict.BLOCK.value).inc()
+        bank = found.bank
+        result = ModerationResult(
+            request_id=request_id,
+            image=ref,
+            status=Status.OK,
+            verdict=Verdict.BLOCK,
+            frames=found.frames,
+            model=self._model,
+            hashes=found.hashes,
+            action=ActionInfo(kind="none"),
+            timings=clock.timings(),
+            bank=BankMatchInfo(bank=bank.bank, distance=bank.distance, hash=bank.hash),
+        )
+        return self._with_action(result) if act else result
+
+    def _bank_match(
+        self, data: bytes, entry: CachedEntry | None
+    ) -> tuple[BankMatch | None, PdqHash | None, DecodedImage | None]:
+        """The bank match of these bytes, their PDQ, and the decode made to hash them (the
+        PDQ an exact cache entry kept spares that decode)."""
+        if self.banks is None or not self.banks.active():
+            return None, None, None
+        decoded = None
+        if entry is not None and entry.pdq is not None:
+            pdq = PdqHash(entry.pdq, entry.pdq_quality or 0)
+        else:
+            decoded = decode(data, self.options.limits, self._draft_size)
+            pdq = pdq_hash(decoded.frames[0])
+        return self.banks.check(pdq), pdq, decoded
+
     def _lookup(
         self, data: bytes, sha256: str, clock: Clock, policy: Policy, embed: bool
     ) -> _Lookup:
-        """Exact cache tier, then decode and hash, then the perceptual tier, then the model.
-        A request for the embedding always runs the model (the cache keeps no embeddings);
-        with a tap, every model run computes one."""
+        """Hash banks, then the exact cache tier, then decode and hash, then the perceptual
+        tier, then the model. A request for the embedding always runs the model (the cache
+        keeps no embeddings); with a tap, every model run computes one."""
         entry = None if embed else self._cache_get(sha256)
+        bank, pdq, decoded = self._bank_match(data, entry)
+        pdq_info = {} if pdq is None else {"pdq": pdq.hex, "pdq_quality": pdq.quality}
+        if bank is not None:
+            clock.mark("decode")
+            frames = len(decoded.frames) if decoded else entry.frames if entry else 1
+            return _Lookup(
+                None, CacheOutcome.MISS, HashInfo(sha256=sha256, **pdq_info), frames, bank=bank
+            )
         if entry is not None:
-            hashes = HashInfo(sha256=sha256, phash=entry.phash, dhash=entry.dhash)
+            hashes = HashInfo(sha256=sha256, phash=entry.phash, dhash=entry.dhash, **pdq_info)
             return _Lookup(
                 self._scores(entry.probabilities), CacheOutcome.EXACT, hashes, entry.frames
             )
-        decoded = decode(data, self.options.limits, self._draft_size)
+        decoded = decoded or decode(data, self.options.limits, self._draft_size)
         image_hashes = hash_image(data, decoded.frames[0], sha256)
-        hashes = HashInfo(sha256=sha256, phash=image_hashes.phash, dhash=image_hashes.dhash)
+        hashes = HashInfo(
+            sha256=sha256, phash=image_hashes.phash, dhash=image_hashes.dhash, **pdq_info
+        )
         near = None if embed else self._near(image_hashes, policy)
         if near is not None:
             clock.mark("decode")
@@ -297,6 +357,8 @@ class Pipeline:
                 image_hashes.phash,
                 image_hashes.dhash,
                 image_hashes.informative,
+                None if pdq is None else pdq.hex,
+                None if pdq is None else pdq.quality,
             ),
         )
         return _Lookup(

@@ -95,6 +95,11 @@ def build_runtime(settings: Settings, send_task: SendTask) -> Runtime:
         from worker.embeddings.tap import EmbeddingTap
 
         tap = EmbeddingTap(open_sink(settings.embedding_sink, settings))
+    banks = None
+    if settings.banks_redis_url:
+        from worker.banks.gate import BankGate
+
+        banks = BankGate.from_settings(settings, settings.banks_redis_url)
     pipeline = Pipeline(
         backend,
         store,
@@ -104,6 +109,7 @@ def build_runtime(settings: Settings, send_task: SendTask) -> Runtime:
         PipelineOptions.from_settings(settings),
         PerceptualOptions.from_settings(settings),
         tap,
+        banks,
     )
     service = ModerationService(
         pipeline,

@@ -124,6 +124,11 @@ def run_scan(
     options = PipelineOptions.from_settings(settings, embed=embed)
     cache = SQLiteCache(settings.verdict_db, settings.perceptual_radius) if use_cache else None
     quarantine = LocalQuarantine(quarantine_to, store) if quarantine_to else None
+    banks = None
+    if settings.bank_url:  # scan runs without Redis unless banks are asked for
+        from worker.banks.gate import BankGate
+
+        banks = BankGate.from_settings(settings, settings.bank_url)
     tap = None
     if settings.embedding_sink:
         from worker.embeddings import open_sink
@@ -147,6 +152,7 @@ def run_scan(
             options,
             PerceptualOptions.from_settings(settings),
             tap,
+            banks,
         ) as pipeline,
         report.open("w") as out,
     ):

@@ -39,6 +39,9 @@ class CachedEntry:
     phash: str | None = None
     dhash: str | None = None
     informative: bool = False
+    # PDQ, kept so an exact hit is still checked against hash banks without a decode.
+    pdq: str | None = None
+    pdq_quality: int | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
