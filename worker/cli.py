@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from worker.cli_bank import register as register_bank_commands
 from worker.cli_calibrate import register as register_calibrate_commands
 from worker.cli_index import register as register_index_commands
 from worker.cli_queue import register as register_queue_commands
@@ -32,6 +33,7 @@ schemas_app = typer.Typer(help="The wire contract as JSON Schema.", no_args_is_h
 app.add_typer(schemas_app, name="schemas")
 register_queue_commands(app)
 register_index_commands(app)
+register_bank_commands(app)
 register_calibrate_commands(app)
 console = Console(stderr=True)
 

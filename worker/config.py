@@ -60,7 +60,7 @@ class Settings(BaseSettings):
         description="Redis of the known-bad hash banks; default: MODQ_CACHE_URL (the worker "
         "and `modq bank`); `modq scan` checks banks only when this is set",
     )
-    bank_max_distance: int = Field(31, ge=0, le=63, description="PDQ Hamming distance (256-bit)")
+    bank_max_distance: int = Field(31, ge=0, le=47, description="PDQ Hamming distance (256-bit)")
     bank_quality_min: int = Field(
         50,
         ge=0,

@@ -25,6 +25,7 @@ once released) and whether a retry can help::
     │   │   ├── UnsafeWeights          unsafe_weights       (pickle files only)
     │   │   └── ModelConfigError       model_config
     │   ├── ConfigError                config
+    │   │   └── UnknownBank            unknown_bank
     │   ├── InvalidHashList            invalid_hash_list    (a bank file rejected whole)
     │   ├── InvalidDataset             invalid_dataset      (labels, image folders, indexes)
     │   └── MissingExtra               missing_extra        (an optional dependency)
@@ -76,6 +77,7 @@ __all__ = [
     "StorageUnavailable",
     "TooManyFrames",
     "TooManyPixels",
+    "UnknownBank",
     "UnsafeWeights",
     "UnsupportedFormat",
 ]
@@ -173,6 +175,10 @@ class ModelConfigError(ModelError):
 
 class ConfigError(PermanentError):
     code = "config"
+
+
+class UnknownBank(ConfigError):
+    code = "unknown_bank"
 
 
 class InvalidHashList(PermanentError):
