@@ -12,7 +12,6 @@
                                          [--vectors 100000]
 """
 
-
 from __future__ import annotations
 
 import sys
@@ -31,7 +30,6 @@ import numpy as np
 
 from bench.scan import OUT, make_images
 from worker.embeddings import EmbeddingRecord, ShardSink
-from worker.embeddings.shards import LocalShards
 from worker.embeddings.tap import EmbeddingTap
 from worker.models.backend import Backend
 from worker.models.precision import load_model
@@ -39,12 +37,13 @@ from worker.pipeline import Pipeline, PipelineOptions
 from worker.policy import Policy
 from worker.similarity import VectorIndex
 from worker.storage import LocalStore, file_ref
+from worker.storage.folders import LocalFolder
 
 
 def scan_rate(backend: Backend, paths: list[Path], batch: int, sink_dir: Path | None) -> float:
     store = LocalStore([paths[0].parent])
     options = PipelineOptions(max_batch_size=batch)
-    tap = None if sink_dir is None else EmbeddingTap(ShardSink(LocalShards(sink_dir), "jsonl"))
+    tap = None if sink_dir is None else EmbeddingTap(ShardSink(LocalFolder(sink_dir), "jsonl"))
     concurrency = max(4, min(2 * batch, batch + 2 * (os.cpu_count() or 1)))  # as run_scan
     policy = Policy("bench", 0.5, 0.9)
     started = time.perf_counter()

@@ -15,7 +15,6 @@ from tests.support.images import distinct_images
 from worker.cache import MemoryCache
 from worker.config import Settings
 from worker.embeddings import EmbeddingRecord, MemorySink, RecordSource, ShardSink, open_sink
-from worker.embeddings.shards import LocalShards
 from worker.embeddings.tap import EmbeddingTap
 from worker.errors import ConfigError, InvalidDataset, StorageUnavailable
 from worker.messages import CacheOutcome, Verdict
@@ -25,6 +24,7 @@ from worker.pipeline import Pipeline
 from worker.policy import Policy, load_policy
 from worker.quarantine import LocalQuarantine
 from worker.storage import LocalStore, file_ref
+from worker.storage.folders import LocalFolder
 
 BLOCK_ALL = Policy("block-all", 0.0, 0.0)
 
@@ -59,7 +59,7 @@ def folder(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
 def test_shards_round_trip_every_field(tmp_path: Path, fmt: str) -> None:
-    sink = ShardSink(LocalShards(tmp_path / "shards"), fmt, shard_size=3, flush_s=0)
+    sink = ShardSink(LocalFolder(tmp_path / "shards"), fmt, shard_size=3, flush_s=0)
     written = [_record(i) for i in range(7)]
     for record in written:
         sink.write(record)
@@ -74,7 +74,7 @@ def test_shards_round_trip_every_field(tmp_path: Path, fmt: str) -> None:
 
 
 def test_idle_buffer_is_flushed_by_the_timer(tmp_path: Path) -> None:
-    sink = ShardSink(LocalShards(tmp_path), "jsonl", shard_size=100, flush_s=0.05)
+    sink = ShardSink(LocalFolder(tmp_path), "jsonl", shard_size=100, flush_s=0.05)
     sink.write(_record(1))
     deadline = 50
     while not list(tmp_path.glob("*.jsonl")) and deadline:
@@ -86,7 +86,7 @@ def test_idle_buffer_is_flushed_by_the_timer(tmp_path: Path) -> None:
     assert len(list(RecordSource(str(tmp_path), Settings()))) == 1
 
 
-class _FlakyShards(LocalShards):
+class _FlakyShards(LocalFolder):
     def __init__(self, folder: Path) -> None:
         super().__init__(folder)
         self.fail = True

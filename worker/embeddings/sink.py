@@ -25,9 +25,10 @@ import numpy as np
 
 from worker import metrics
 from worker.embeddings.record import EmbeddingRecord
-from worker.embeddings.shards import FORMATS, ShardTarget, encode_shard
+from worker.embeddings.shards import FORMATS, encode_shard
 from worker.errors import ConfigError, ModqError
 from worker.log import get_logger
+from worker.storage.folders import ObjectFolder
 
 __all__ = ["EmbeddingSink", "MemorySink", "RedisStreamSink", "ShardSink", "stream_entry_to_dict"]
 
@@ -71,7 +72,7 @@ class ShardSink(EmbeddingSink):
 
     def __init__(
         self,
-        target: ShardTarget,
+        target: ObjectFolder,
         fmt: str = "jsonl",
         shard_size: int = 1000,
         flush_s: float = 60.0,

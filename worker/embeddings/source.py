@@ -14,13 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from worker.config import Settings
 from worker.embeddings.record import EmbeddingRecord
-from worker.embeddings.shards import LocalShards, S3Shards, ShardTarget, decode_shard, shard_format
+from worker.embeddings.shards import decode_shard, shard_format
 from worker.embeddings.sink import (
     EmbeddingSink,
     RedisStreamSink,
@@ -28,6 +27,7 @@ from worker.embeddings.sink import (
     stream_entry_to_dict,
 )
 from worker.errors import ConfigError, InvalidDataset
+from worker.storage.folders import LocalFolder, ObjectFolder, open_folder
 
 __all__ = ["RecordSource", "open_sink"]
 
@@ -48,18 +48,8 @@ def _redis(settings: Settings) -> Any:
     return redis.Redis.from_url(settings.callback_redis_url or settings.broker_url)
 
 
-def _shard_target(uri: str, settings: Settings) -> ShardTarget:
-    parts = urlsplit(uri)
-    if parts.scheme == "s3":
-        from worker.storage.s3 import create_s3_client
-
-        client = create_s3_client(settings.s3_endpoint_url)
-        return S3Shards(client, parts.netloc, unquote(parts.path).lstrip("/"))
-    if parts.scheme == "file":
-        return LocalShards(Path(unquote(parts.path)))
-    if parts.scheme == "":
-        return LocalShards(Path(uri.split("?", 1)[0]))
-    raise ConfigError(f"{uri}: use file:///dir, s3://bucket/prefix/ or redis-stream://name")
+def _shard_target(uri: str, settings: Settings) -> ObjectFolder:
+    return open_folder(uri, settings.s3_endpoint_url)
 
 
 def open_sink(uri: str, settings: Settings) -> EmbeddingSink:
@@ -103,10 +93,12 @@ class RecordSource:
             yield from self._stream()
             return
         target = _shard_target(self.uri, self.settings)
-        if isinstance(target, LocalShards) and not target.folder.exists():
+        if isinstance(target, LocalFolder) and not target.folder.exists():
             raise InvalidDataset(f"{self.uri}: no such file or folder")
         for name in target.names():
-            fmt = shard_format(name) or "jsonl"
+            fmt = shard_format(name)
+            if fmt is None:
+                continue
             for row in decode_shard(target.get(name), fmt, name):
                 if row.get("embedding") is None:
                     self.skipped += 1

@@ -50,9 +50,17 @@ class ModelCard:
     # Bumped whenever modq's preprocessing for this kind of model changes, so cached scores
     # from an older preprocessing are never reused.
     preprocess_version: str = "1"
+    # Labels that mean unsafe, as a fine-tune declared them (config.json's ``modq`` block):
+    # a team's own label set need not use any name in UNSAFE_LABELS.
+    declared_unsafe: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
+        unknown = [label for label in self.declared_unsafe if label not in self.labels]
+        if unknown:
+            raise ValueError(
+                f"model {self.id}: unsafe labels {unknown} are not among {list(self.labels)}"
+            )
         if not self.graded and not self.unsafe_labels:
             raise ValueError(
                 f"model {self.id}: no label among {list(self.labels)} names unsafe content "
@@ -61,6 +69,8 @@ class ModelCard:
 
     @property
     def unsafe_labels(self) -> tuple[str, ...]:
+        if self.declared_unsafe:
+            return self.declared_unsafe
         if self.graded:
             return self.labels[1:]
         return tuple(label for label in self.labels if label.lower() in UNSAFE_LABELS)
@@ -83,6 +93,7 @@ class ModelCard:
             kept = {k: v for k, v in raw.items() if k in known}
             for key in ("labels", "mean", "std"):
                 kept[key] = tuple(kept[key])
+            kept["declared_unsafe"] = tuple(kept.get("declared_unsafe", ()))
             return cls(**kept)
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise ModelConfigError(

@@ -22,12 +22,15 @@ def build_card(resolved: ResolvedModel) -> ModelCard:
     if resolved.path.suffix == ".onnx":
         return _onnx_card(resolved)
     config = _read_json(resolved.path / "config.json")
-    if "model_type" not in config and "architecture" in config:
-        card = _timm_card(resolved, config)
-    elif config.get("model_type") == "timm_wrapper":
-        card = _timm_card(resolved, config, runtime="transformers")
-    else:
-        card = _transformers_card(resolved, config)
+    try:
+        if "model_type" not in config and "architecture" in config:
+            card = _timm_card(resolved, config)
+        elif config.get("model_type") == "timm_wrapper":
+            card = _timm_card(resolved, config, runtime="transformers")
+        else:
+            card = _transformers_card(resolved, config)
+    except ValueError as exc:  # the card refuses labels it cannot derive nsfw_score from
+        raise ModelConfigError(f"{resolved.spec}: {exc}") from exc
     return card
 
 
@@ -74,6 +77,19 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ModelConfigError(f"{path} is not a JSON object")
     return data
+
+
+def _declared_unsafe(config: dict[str, Any]) -> tuple[str, ...]:
+    """The unsafe labels a fine-tune wrote into config.json's ``modq`` block (``modq
+    finetune --unsafe-label``); empty for every other model. A model that declares them is
+    scored as a plain classifier (nsfw_score = their summed probability), never graded."""
+    block = config.get("modq") or {}
+    declared = block.get("unsafe_labels", []) if isinstance(block, dict) else None
+    if not isinstance(declared, list) or not all(isinstance(x, str) for x in declared):
+        raise ModelConfigError(
+            f"config.json: modq.unsafe_labels must be a list of label names, not {declared!r}"
+        )
+    return tuple(declared)
 
 
 def _thresholds(resolved: ResolvedModel) -> dict[str, Any]:
@@ -126,6 +142,7 @@ def _timm_card(
     resolved: ResolvedModel, config: dict[str, Any], runtime: Runtime = "timm"
 ) -> ModelCard:
     cfg = config.get("pretrained_cfg") or {}
+    declared = _declared_unsafe(config)
     labels = config.get("label_names") or [str(i) for i in range(int(config.get("num_classes", 0)))]
     input_size = cfg.get("input_size", [3, 224, 224])
     crop_mode = cfg.get("crop_mode", "center")
@@ -151,13 +168,15 @@ def _timm_card(
         # pretrained_cfg's licence is the base weights' (timm's), not the fine-tune's.
         license=resolved.preset.license if resolved.preset else "unknown",
         architecture=config.get("architecture", ""),
-        graded=_graded(labels),
+        graded=_graded(labels) and not declared,
+        declared_unsafe=declared,
         extra=extra,
     )
 
 
 def _transformers_card(resolved: ResolvedModel, config: dict[str, Any]) -> ModelCard:
     id2label = config.get("id2label") or {}
+    declared = _declared_unsafe(config)
     labels = tuple(id2label[k] for k in sorted(id2label, key=int))
     processor_path = resolved.path / "preprocessor_config.json"
     processor = _read_json(processor_path) if processor_path.is_file() else {}
@@ -178,7 +197,8 @@ def _transformers_card(resolved: ResolvedModel, config: dict[str, Any]) -> Model
         embedding_dim=config.get("hidden_size"),
         license=resolved.preset.license if resolved.preset else "unknown",
         architecture=(config.get("architectures") or [config.get("model_type", "")])[0],
-        graded=_graded(labels),
+        graded=_graded(labels) and not declared,
+        declared_unsafe=declared,
         extra={"rescale_factor": processor.get("rescale_factor", 1 / 255), **_thresholds(resolved)},
     )
 

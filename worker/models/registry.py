@@ -1,8 +1,9 @@
 """Presets, and the resolution of a model spec to files on this machine.
 
 A spec is a preset name (``opennsfw``, ``marqo`` …), a local directory in the hub layout
-(``config.json`` + ``model.safetensors``), an ``.onnx`` file, or a hub id ``Org/name[@rev]``
-read from the local Hugging Face cache. Only safetensors and ONNX weights are ever read.
+(``config.json`` + ``model.safetensors``) or holding one ``model.onnx`` (what ``modq finetune``
+writes for an ONNX base model), an ``.onnx`` file, or a hub id ``Org/name[@rev]`` read from
+the local Hugging Face cache. Only safetensors and ONNX weights are ever read.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from worker.errors import ModelNotFound, UnsafeWeights
 
 __all__ = [
+    "ONNX_FILENAME",
     "PRESETS",
     "Preset",
     "ResolvedModel",
@@ -25,6 +27,8 @@ __all__ = [
 _HUB_ID = re.compile(r"^(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<rev>[\w.-]+))?$")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors"]
+# The graph a model directory may hold instead of safetensors weights.
+ONNX_FILENAME = "model.onnx"
 OPENNSFW_SHA256 = "864bb37bf8863564b87eb330ab8c785a79a773f4e7c43cb96db52ed8611305fa"
 
 
@@ -155,8 +159,11 @@ def _bundled_opennsfw(preset: Preset) -> ResolvedModel:
 
 
 def _from_directory(spec: str, path: Path) -> ResolvedModel:
-    check_weights(path)
     model_id = f"local:{path.resolve().name}"
+    graph = path / ONNX_FILENAME
+    if graph.is_file() and not any(path.glob("*.safetensors")):
+        return ResolvedModel(spec, model_id, graph, _file_digest(graph))
+    check_weights(path)
     return ResolvedModel(spec, model_id, path, _directory_revision(path))
 
 
