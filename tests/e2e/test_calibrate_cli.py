@@ -5,9 +5,7 @@ bundled model (and by a hub look-alike), then the thresholds checked against the
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,48 +13,19 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from tests.support.cli import run_modq
 from worker.calibrate import MARGIN
 from worker.decode import DecodeLimits, decode
 from worker.models.backend import Backend
 from worker.models.preprocess import draft_size
 from worker.policy import Policy, load_policy
 
-MODQ = Path(sys.executable).parent / "modq"
 TIMEOUT = 300
-# The command as registered on a fresh Typer app, run the way a user runs a console script.
-APP = (
-    "import typer\n"
-    "from worker.cli_calibrate import register\n"
-    "app = typer.Typer()\n"
-    "app.callback()(lambda: None)\n"
-    "register(app)\n"
-    "app()\n"
-)
 IMAGES = 12
 
 
-def _env(tmp: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MODQ_", "HF_"))}
-    env.update(
-        XDG_CACHE_HOME=str(tmp / "xdg-cache"),
-        HF_HOME=str(tmp / "hf-home"),
-        HF_HUB_OFFLINE="1",
-        COLUMNS="200",
-        NO_COLOR="1",
-    )
-    return env
-
-
 def _calibrate(tmp: Path, *args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", APP, "calibrate", *map(str, args)],
-        cwd=tmp,
-        env=_env(tmp),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        check=False,
-    )
+    return run_modq("calibrate", *args, cwd=tmp, cache_home=tmp / "cache", timeout=TIMEOUT)
 
 
 def _shapes(rng: np.random.Generator, size: tuple[int, int], skin: bool) -> Image.Image:
@@ -215,23 +184,17 @@ def test_scan_with_the_policy_file_gives_the_reported_verdicts(
     done, out = opennsfw_run
     assert done.returncode == 0, done.stderr
     scan_report = tmp_path / "scan.jsonl"
-    scanned = subprocess.run(
-        [
-            str(MODQ),
-            "scan",
-            labelled / "imgs",
-            "--policy",
-            out / "policy.json",
-            "--no-cache",
-            "--report",
-            scan_report,
-        ],
+    scanned = run_modq(
+        "scan",
+        labelled / "imgs",
+        "--policy",
+        out / "policy.json",
+        "--no-cache",
+        "--report",
+        scan_report,
         cwd=tmp_path,
-        env=_env(tmp_path),
-        capture_output=True,
-        text=True,
+        cache_home=tmp_path / "cache",
         timeout=TIMEOUT,
-        check=False,
     )
     assert scanned.returncode == 0, scanned.stderr
     verdicts = {

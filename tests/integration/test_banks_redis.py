@@ -18,8 +18,8 @@ import redis
 import typer
 from typer.testing import CliRunner
 
+from tests.support.images import flat, recompressed, textured
 from tests.support.redis_server import RedisServer, redis_server_binary
-from tests.unit.test_banks import flat, recompressed, textured
 from worker.banks import (
     BankInfo,
     BankMatch,

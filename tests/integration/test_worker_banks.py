@@ -7,10 +7,8 @@ import io
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageDraw
-
 from tests.integration.conftest import WorkerFactory
+from tests.support.images import textured
 from tests.support.receivers import STREAM, Collector
 from worker.banks import RedisBankStore, pdq_hash
 from worker.client import Client
@@ -18,28 +16,16 @@ from worker.config import Settings
 from worker.messages import Status, Verdict
 
 
-def _picture(seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    image = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize(
-        (360, 360), Image.Resampling.BICUBIC
-    )
-    draw = ImageDraw.Draw(image)
-    for _ in range(8):
-        x, y = (int(v) for v in rng.integers(0, 300, 2))
-        draw.ellipse((x, y, x + 60, y + 40), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
-    return image
-
-
 def test_the_worker_blocks_banked_uploads_and_follows_a_disable(
     start_worker: WorkerFactory, tmp_path: Path
 ) -> None:
     uploads = tmp_path / "uploads"
     uploads.mkdir()
-    known = _picture(1)
+    known = textured(1, 360)
     buffer = io.BytesIO()
     known.resize((240, 240)).save(buffer, "JPEG", quality=70)  # a re-upload, not the original
     (uploads / "reupload.jpg").write_bytes(buffer.getvalue())
-    _picture(2).save(uploads / "other.png")
+    textured(2, 360).save(uploads / "other.png")
     bank = RedisBankStore(start_worker.cache_url, "modq")
     assert bank.add("known-bad", [pdq_hash(known).hex], "test") == 1
 

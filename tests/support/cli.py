@@ -14,9 +14,11 @@ TIMEOUT = 180
 
 
 def modq_env(cache_home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MODQ_")}
+    """This environment without MODQ_ and HF_ settings, its caches under ``cache_home``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MODQ_", "HF_"))}
     env.update(
         XDG_CACHE_HOME=str(cache_home),
+        HF_HOME=str(cache_home / "huggingface"),
         HF_HUB_OFFLINE="1",
         COLUMNS="400",  # rich wraps at the terminal width; keep the summary on one line each
         NO_COLOR="1",

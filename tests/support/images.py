@@ -8,11 +8,11 @@ import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from tests.support.corpus import EXAMPLES
 
-__all__ = ["distinct_images", "reference_scores"]
+__all__ = ["distinct_images", "flat", "recompressed", "reference_scores", "textured"]
 
 
 def distinct_images(count: int, seed: int, size: int = 224) -> list[bytes]:
@@ -48,3 +48,27 @@ def reference_scores(contents: list[bytes]) -> dict[str, float]:
         hashlib.sha256(contents[i]).hexdigest(): float(r.nsfw_score or 0.0)
         for i, r in results.items()
     }
+
+
+def textured(seed: int, size: int = 128) -> Image.Image:
+    """Smooth colour noise with a few ellipses: enough structure for PDQ quality 100."""
+    rng = np.random.default_rng(seed)
+    noise = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
+    image = Image.fromarray(noise).resize((size, size), Image.Resampling.BICUBIC)
+    draw = ImageDraw.Draw(image)
+    for _ in range(6):
+        x, y = (int(v) for v in rng.integers(0, size, 2))
+        w, h = (int(v) for v in rng.integers(size // 8, size // 2, 2))
+        draw.ellipse([x, y, x + w, y + h], fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    return image
+
+
+def recompressed(image: Image.Image) -> Image.Image:
+    """The same picture as a re-upload often is: half the size, JPEG quality 60."""
+    buffer = io.BytesIO()
+    image.resize((image.width // 2, image.height // 2)).save(buffer, "JPEG", quality=60)
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+
+
+def flat(size: int = 128) -> Image.Image:
+    return Image.new("RGB", (size, size), (120, 30, 200))

@@ -6,7 +6,6 @@ The store contract both stores keep is in tests/integration/test_banks_redis.py.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +14,9 @@ import pytest
 import typer
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
+from tests.support.images import flat, recompressed, textured
 from worker.banks import (
     PDQ_MAX_DISTANCE,
     PDQ_QUALITY_MIN,
@@ -39,33 +38,6 @@ from worker.errors import ConfigError, InvalidHashList, UnknownBank
 H1 = "f" * 64
 H2 = "0123456789abcdef" * 4
 H3 = "a5" * 32
-
-# --- generated images -------------------------------------------------------------------------
-
-
-def textured(seed: int, size: int = 128) -> Image.Image:
-    """Smooth colour noise with a few ellipses: enough structure for PDQ quality 100."""
-    rng = np.random.default_rng(seed)
-    noise = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
-    image = Image.fromarray(noise).resize((size, size), Image.Resampling.BICUBIC)
-    draw = ImageDraw.Draw(image)
-    for _ in range(6):
-        x, y = (int(v) for v in rng.integers(0, size, 2))
-        w, h = (int(v) for v in rng.integers(size // 8, size // 2, 2))
-        draw.ellipse([x, y, x + w, y + h], fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
-    return image
-
-
-def recompressed(image: Image.Image) -> Image.Image:
-    """The same picture as a re-upload often is: half the size, JPEG quality 60."""
-    buffer = io.BytesIO()
-    image.resize((image.width // 2, image.height // 2)).save(buffer, "JPEG", quality=60)
-    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
-
-
-def flat(size: int = 128) -> Image.Image:
-    return Image.new("RGB", (size, size), (120, 30, 200))
-
 
 # --- PDQ --------------------------------------------------------------------------------------
 

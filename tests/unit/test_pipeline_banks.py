@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from tests.support.images import textured
 from worker.banks import BankInfo, BankMatch, MemoryBankStore, PdqHash, pdq_hash
 from worker.banks.gate import BankGate
 from worker.cache import MemoryCache
@@ -42,17 +43,6 @@ class CountingBackend(Backend):
         return self.inner.forward(batch, embed)
 
 
-def _picture(seed: int, size: int = 400) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-    image = Image.fromarray(small).resize((size, size), Image.Resampling.BICUBIC)
-    draw = ImageDraw.Draw(image)
-    for _ in range(10):
-        x, y = (int(v) for v in rng.integers(0, size - 60, 2))
-        draw.rectangle((x, y, x + 50, y + 70), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
-    return image
-
-
 def _jpeg(image: Image.Image, quality: int = 92) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=quality)
@@ -71,11 +61,11 @@ def backend(model: Backend) -> CountingBackend:
 
 @pytest.fixture
 def files(tmp_path: Path) -> dict[str, Path]:
-    known = _picture(1)
+    known = textured(1, 400)
     images = {
         "known.jpg": _jpeg(known),
         "resized.jpg": _jpeg(known.resize((200, 200), Image.Resampling.LANCZOS), quality=60),
-        "other.jpg": _jpeg(_picture(2)),
+        "other.jpg": _jpeg(textured(2, 400)),
         "flat.png": b"",
     }
     folder = tmp_path / "uploads"
@@ -150,7 +140,9 @@ def test_a_cached_safe_verdict_is_still_checked_against_a_bank_added_later(
     backend: CountingBackend, files: dict[str, Path]
 ) -> None:
     store = MemoryBankStore()
-    store.add("other", [pdq_hash(_picture(99)).hex], "test")  # banks on, this image not in them
+    store.add(
+        "other", [pdq_hash(textured(99, 400)).hex], "test"
+    )  # banks on, this image not in them
     cache = MemoryCache()
     ref = file_ref(files["known.jpg"])
     with _pipeline(backend, files, store, cache=cache) as pipeline:
@@ -210,7 +202,7 @@ def test_unreadable_banks_make_the_image_wait_once_banks_are_known(
         # never seen a bank: classify, as without the verdict cache
         unseen = pipeline.process(file_ref(files["other.jpg"]))
         store.down = False
-        store.add("known", [pdq_hash(_picture(5)).hex], "test")
+        store.add("known", [pdq_hash(textured(5, 400)).hex], "test")
         seen = pipeline.process(file_ref(files["other.jpg"]))
         store.down = True
         waiting = pipeline.process(file_ref(files["other.jpg"]))
