@@ -7,19 +7,18 @@ many bit flips therefore reaches every hash within ``r`` (for the default radius
 16 x 17 = 272 probes); a full-distance check then drops the candidates that are farther.
 
 The layout is fixed, whatever the radius, so an index never has to be rebuilt: a larger radius
-only costs more probes, and past ``MAX_PROBES`` it is refused. (The verdict cache's 64-bit index
-in ``worker.cache.mih`` instead sizes its chunks for one radius.)
+only costs more probes, and past ``MAX_PROBES`` it is refused. The chunking and probing are
+``worker.mih``'s, shared with the verdict cache's 64-bit index (which instead sizes its chunks
+for one radius).
 """
 
 from __future__ import annotations
 
 import threading
-from functools import cache
-from itertools import combinations
-from math import comb
 
 from worker.banks.pdq import HASH_BITS, hamming
 from worker.errors import ConfigError
+from worker.mih import ChunkLayout
 
 __all__ = [
     "CHUNKS",
@@ -34,18 +33,19 @@ __all__ = [
 
 CHUNK_BITS = 16
 CHUNKS = HASH_BITS // CHUNK_BITS
-_CHUNK_MASK = (1 << CHUNK_BITS) - 1
 MAX_PROBES = 4096  # radius 47 (2 flips, 2,192 probes) passes; radius 48 (11,152) does not
+
+
+LAYOUT = ChunkLayout((CHUNK_BITS,) * CHUNKS)
 
 
 def chunk_values(value: int) -> list[int]:
     """The 16-bit chunks of a hash, most significant first."""
-    return [(value >> (HASH_BITS - CHUNK_BITS * (i + 1))) & _CHUNK_MASK for i in range(CHUNKS)]
+    return LAYOUT.values(value)
 
 
 def probe_count(max_distance: int) -> int:
-    flips = max(max_distance, 0) // CHUNKS
-    return CHUNKS * sum(comb(CHUNK_BITS, bits) for bits in range(flips + 1))
+    return LAYOUT.probe_count(max_distance)
 
 
 def flips_for(max_distance: int) -> int:
@@ -68,21 +68,11 @@ def _largest_radius() -> int:
     return radius
 
 
-@cache
-def _masks(flips: int) -> tuple[int, ...]:
-    """Every 16-bit pattern with at most ``flips`` bits set, zero first."""
-    out = [0]
-    for bits in range(1, flips + 1):
-        for positions in combinations(range(CHUNK_BITS), bits):
-            out.append(sum(1 << p for p in positions))
-    return tuple(out)
-
-
 def probes(value: int, max_distance: int) -> list[tuple[int, int]]:
     """(chunk index, chunk value) pairs under which every hash within ``max_distance`` of
     ``value`` is indexed."""
-    masks = _masks(flips_for(max_distance))
-    return [(i, chunk ^ mask) for i, chunk in enumerate(chunk_values(value)) for mask in masks]
+    flips_for(max_distance)
+    return LAYOUT.probe_values(value, max_distance)
 
 
 class MultiIndex:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from worker.mih import hamming
+
 __all__ = [
     "HASH_BITS",
     "PDQ_MAX_DISTANCE",
@@ -52,10 +54,6 @@ def parse_pdq(text: str) -> int:
 
 def format_pdq(value: int) -> str:
     return format(value, "064x")
-
-
-def hamming(a: int, b: int) -> int:
-    return (a ^ b).bit_count()
 
 
 def pdq_hash(image: Image.Image) -> PdqHash:

@@ -32,7 +32,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from worker.cache.base import CachedEntry, NearMatch, check_radius, indexable_phash, rank_near
-from worker.cache.mih import DEFAULT_RADIUS, ChunkLayout, parse_hash
+from worker.cache.mih import DEFAULT_RADIUS, layout_for, parse_hash, probes
 from worker.config import Settings
 from worker.errors import CacheUnavailable, ConfigError
 from worker.log import get_logger
@@ -153,7 +153,7 @@ class RedisCache:
         ``max_candidates`` bounds the work of one ``near`` on a pathological index."""
         if not prefix or ttl_s < 1:
             raise ValueError("the Redis cache needs a non-empty prefix and a TTL of 1 s or more")
-        self.layout = ChunkLayout.for_radius(radius)
+        self.layout = layout_for(radius)
         self.prefix = prefix
         self.ttl_s = ttl_s
         self.max_candidates = max_candidates
@@ -196,7 +196,7 @@ class RedisCache:
     def _probe_keys(self, space: str, phash: int, radius: int) -> list[str]:
         """The sets that hold every entry within ``radius``."""
         tag = self.layout.tag
-        return [f"{space}:{tag}:{i}:{chunk}" for i, chunk in self.layout.probes(phash, radius)]
+        return [f"{space}:{tag}:{i}:{chunk}" for i, chunk in probes(self.layout, phash, radius)]
 
     # -- the cache -----------------------------------------------------------------------------
 

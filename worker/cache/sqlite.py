@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from worker.cache.base import CachedEntry, NearMatch, check_radius, indexable_phash, rank_near
-from worker.cache.mih import DEFAULT_RADIUS, ChunkLayout, parse_hash
+from worker.cache.mih import DEFAULT_RADIUS, layout_for, parse_hash, probes
 from worker.errors import CacheUnavailable
 
 __all__ = ["SQLiteCache"]
@@ -45,7 +45,7 @@ _CHUNK_MEMBERS = (
 
 class SQLiteCache:
     def __init__(self, path: Path, radius: int = DEFAULT_RADIUS) -> None:
-        self.layout = ChunkLayout.for_radius(radius)
+        self.layout = layout_for(radius)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._lock = threading.Lock()
@@ -118,7 +118,7 @@ class SQLiteCache:
     ) -> tuple[str, list[str | int]]:
         """One indexed SELECT per chunk (at most 64, under SQLite's compound-select limit)."""
         by_chunk: dict[int, list[str]] = {}
-        for i, chunk in self.layout.probes(phash, radius):
+        for i, chunk in probes(self.layout, phash, radius):
             by_chunk.setdefault(i, []).append(chunk)
         selects: list[str] = []
         params: list[str | int] = []
