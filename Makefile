@@ -61,6 +61,9 @@ bench: install-dev
 	$(BIN)/python bench/scan.py
 	$(BIN)/python -m bench.queue_worker
 	$(BIN)/python bench/producer.py
+	$(BIN)/python bench/embeddings.py
+	$(BIN)/python -m bench.banks
+	$(BIN)/python bench/finetune.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
