@@ -58,7 +58,7 @@ DeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N [en
 
 
 def _settings(**overrides: object) -> Settings:
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
+    return Settings.with_options(**overrides)
 
 
 @app.command()

@@ -95,7 +95,7 @@ def calibrate(
 
 def _settings(overrides: Mapping[str, object]) -> Settings:
     try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
+        return Settings.with_options(**overrides)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_url=False)

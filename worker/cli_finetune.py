@@ -139,7 +139,7 @@ def finetune(
 ) -> None:
     """Fine-tune a model on your own labels; writes a model directory `--model` loads."""
     overrides = {"model": model, "device": device}
-    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
+    settings = Settings.with_options(**overrides)
     configure_logging(settings.log_level, json=False)
     from worker.finetune import FinetuneOptions
     from worker.finetune import finetune as run_finetune

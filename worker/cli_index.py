@@ -27,7 +27,7 @@ class ClusterMethod(StrEnum):
 
 
 def _settings(**overrides: object) -> Settings:
-    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
+    settings = Settings.with_options(**overrides)
     configure_logging(settings.log_level, json=False)  # on stderr: stdout carries the results
     return settings
 

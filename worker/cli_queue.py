@@ -96,7 +96,7 @@ def worker(
 ) -> None:
     """Run a queue worker: one process, one model, task threads feeding the dynamic batcher."""
     overrides = {"concurrency": concurrency, "queue": queue, "model": model, "device": device}
-    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
+    settings = Settings.with_options(**overrides)
     limit_malloc_arenas(settings.malloc_arenas)
     from worker.celery_app import create_app
 

@@ -149,6 +149,13 @@ class Settings(BaseSettings):
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value
 
+    @classmethod
+    def with_options(cls, **options: object) -> Settings:
+        """The environment's settings with the command-line options that were given (not
+        None) on top."""
+        given = {name: value for name, value in options.items() if value is not None}
+        return cls(**given)  # type: ignore[arg-type]
+
     @property
     def task_threads(self) -> int:
         return self.concurrency or 2 * self.max_batch_size
