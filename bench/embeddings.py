@@ -31,6 +31,7 @@ import numpy as np
 from bench.scan import OUT, make_images
 from worker.embeddings import EmbeddingRecord, ShardSink
 from worker.embeddings.tap import EmbeddingTap
+from worker.extras import Extras
 from worker.models.backend import Backend
 from worker.models.precision import load_model
 from worker.pipeline import Pipeline, PipelineOptions
@@ -47,7 +48,7 @@ def scan_rate(backend: Backend, paths: list[Path], batch: int, sink_dir: Path | 
     concurrency = max(4, min(2 * batch, batch + 2 * (os.cpu_count() or 1)))  # as run_scan
     policy = Policy("bench", 0.5, 0.9)
     started = time.perf_counter()
-    with Pipeline(backend, store, policy, None, None, options, tap=tap) as pipeline:
+    with Pipeline(backend, store, policy, None, None, options, extras=Extras(tap=tap)) as pipeline:
         results = list(pipeline.process_many(map(file_ref, paths), concurrency))
     seconds = time.perf_counter() - started  # includes writing the last shard at close
     assert all(r.error is None for r in results), [r.error for r in results if r.error]

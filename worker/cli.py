@@ -15,6 +15,7 @@ from rich.table import Table
 
 from worker.cli_bank import register as register_bank_commands
 from worker.cli_calibrate import register as register_calibrate_commands
+from worker.cli_explain import register as register_explain_commands
 from worker.cli_finetune import register as register_finetune_commands
 from worker.cli_index import register as register_index_commands
 from worker.cli_queue import register as register_queue_commands
@@ -36,6 +37,7 @@ register_queue_commands(app)
 register_index_commands(app)
 register_bank_commands(app)
 register_calibrate_commands(app)
+register_explain_commands(app)
 register_finetune_commands(app)
 console = Console(stderr=True)
 

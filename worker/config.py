@@ -125,6 +125,11 @@ class Settings(BaseSettings):
         description="stream every embedding the model computes: file:///dir, "
         "s3://bucket/prefix/ (?format=jsonl|parquet) or redis-stream://name; unset = off",
     )
+    review_heatmaps_uri: str | None = Field(
+        None,
+        description="write a heatmap PNG for every `review` verdict into file:///dir or "
+        "s3://bucket/prefix/ and put its reference in the result's `explanation`; unset = off",
+    )
     webhook_secret: SecretStr | None = Field(None, description="HMAC-SHA256 key for webhooks")
     webhook_retries: int = Field(5, ge=0)
     webhook_timeout_s: float = Field(10.0, gt=0)
@@ -143,6 +148,7 @@ class Settings(BaseSettings):
         "default_callback",
         "embedding_sink",
         "bank_url",
+        "review_heatmaps_uri",
         mode="before",
     )
     @classmethod

@@ -14,6 +14,7 @@ __all__ = [
     "EMBEDDING_SINK_ERRORS",
     "ERRORS",
     "FORWARD_SECONDS",
+    "HEATMAP_ERRORS",
     "IN_FLIGHT",
     "PENDING_RESENT",
     "PUBLISHED",
@@ -51,3 +52,6 @@ EMBEDDINGS_DROPPED = Counter(
     "modq_embeddings_dropped_total", "Embeddings dropped because the sink's buffer was full"
 )
 BANK_MATCHES = Counter("modq_bank_matches_total", "Images blocked by a hash bank", ["bank"])
+HEATMAP_ERRORS = Counter(
+    "modq_heatmap_errors_total", "Review heatmaps that could not be made or written"
+)

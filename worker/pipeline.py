@@ -24,14 +24,13 @@ import numpy as np
 
 from worker import metrics
 from worker.banks.base import BankMatch
-from worker.banks.gate import BankGate
 from worker.banks.pdq import PdqHash, pdq_hash
 from worker.batching import DynamicBatcher
 from worker.cache import CachedEntry, NearMatch, VerdictCache, choose_near_match
 from worker.config import Settings
 from worker.decode import DecodedImage, DecodeLimits, decode
-from worker.embeddings.tap import EmbeddingTap
 from worker.errors import CacheUnavailable, ModqError
+from worker.extras import Extras
 from worker.hashing import ImageHashes, hash_image, sha256_hex
 from worker.log import get_logger
 from worker.messages import (
@@ -139,8 +138,7 @@ class Pipeline:
         quarantine: Quarantine | None = None,
         options: PipelineOptions | None = None,
         perceptual: PerceptualOptions | None = None,
-        tap: EmbeddingTap | None = None,
-        banks: BankGate | None = None,
+        extras: Extras | None = None,
     ) -> None:
         self.backend = backend
         self.store = store
@@ -149,10 +147,13 @@ class Pipeline:
         self.quarantine = quarantine
         self.options = options or PipelineOptions()
         self.perceptual = perceptual or PerceptualOptions()
+        self.extras = extras or Extras()
         # With a tap, every image the model scores has its embedding streamed to a sink.
-        self.tap = tap
+        self.tap = self.extras.tap
         # Known-bad hash banks, matched by PDQ before any cache tier or the model.
-        self.banks = banks
+        self.banks = self.extras.banks
+        # A heatmap for each review verdict, written beside the result.
+        self.heatmaps = self.extras.heatmaps
         card = backend.card
         draft = "exact" if self.options.exact_decode else f"draft{draft_size(card)}"
         self.namespace = f"{card.cache_namespace}/{draft}"
@@ -166,10 +167,7 @@ class Pipeline:
 
     def close(self) -> None:
         self.batcher.close()
-        if self.tap is not None:
-            self.tap.close()
-        if self.banks is not None:
-            self.banks.close()
+        self.extras.close()
 
     def __enter__(self) -> Pipeline:
         return self
@@ -262,6 +260,9 @@ class Pipeline:
             timings=clock.timings(found.infer_ms),
             embedding=None if found.embedding is None or not embed else found.embedding.tolist(),
         )
+        if verdict is Verdict.REVIEW and self.heatmaps is not None:
+            explanation = self.heatmaps.attach(data, sha256, request_id)
+            result = result.model_copy(update={"explanation": explanation})
         if self.tap is not None and found.embedding is not None:
             self.tap.scored(result, found.embedding, self.action_pending(result))
         if not act:

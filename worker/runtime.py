@@ -14,6 +14,7 @@ from typing import Any
 
 from worker.cache.results import ResultStore
 from worker.config import Settings
+from worker.extras import Extras
 from worker.log import get_logger
 from worker.pending import PendingRequests, Sweeper, resend_options
 from worker.pipeline import PerceptualOptions, Pipeline, PipelineOptions
@@ -89,17 +90,7 @@ def build_runtime(settings: Settings, send_task: SendTask) -> Runtime:
         cache = RedisCache.from_settings(settings, client)
         results = RedisResultStore.from_settings(settings, client)
     policy = load_policy(settings.policy, backend.card)
-    tap = None
-    if settings.embedding_sink:
-        from worker.embeddings import open_sink
-        from worker.embeddings.tap import EmbeddingTap
-
-        tap = EmbeddingTap(open_sink(settings.embedding_sink, settings))
-    banks = None
-    if settings.banks_redis_url:
-        from worker.banks.gate import BankGate
-
-        banks = BankGate.from_settings(settings, settings.banks_redis_url)
+    extras = Extras.from_settings(settings, backend, settings.banks_redis_url)
     pipeline = Pipeline(
         backend,
         store,
@@ -108,8 +99,7 @@ def build_runtime(settings: Settings, send_task: SendTask) -> Runtime:
         build_quarantine(settings, store),
         PipelineOptions.from_settings(settings),
         PerceptualOptions.from_settings(settings),
-        tap,
-        banks,
+        extras,
     )
     service = ModerationService(
         pipeline,

@@ -110,6 +110,7 @@ def run_scan(
 ) -> ScanSummary:
     """Wire the pipeline from ``settings`` and scan ``paths`` into ``report``."""
     from worker.cache import SQLiteCache
+    from worker.extras import Extras
     from worker.models.precision import load_model
     from worker.pipeline import PerceptualOptions, Pipeline, PipelineOptions
     from worker.policy import load_policy
@@ -124,17 +125,7 @@ def run_scan(
     options = PipelineOptions.from_settings(settings, embed=embed)
     cache = SQLiteCache(settings.verdict_db, settings.perceptual_radius) if use_cache else None
     quarantine = LocalQuarantine(quarantine_to, store) if quarantine_to else None
-    banks = None
-    if settings.bank_url:  # scan runs without Redis unless banks are asked for
-        from worker.banks.gate import BankGate
-
-        banks = BankGate.from_settings(settings, settings.bank_url)
-    tap = None
-    if settings.embedding_sink:
-        from worker.embeddings import open_sink
-        from worker.embeddings.tap import EmbeddingTap
-
-        tap = EmbeddingTap(open_sink(settings.embedding_sink, settings))
+    extras = Extras.from_settings(settings, backend, settings.bank_url)
     summary = ScanSummary(model=backend.describe())
     # Enough threads to fill a batch while one runs, bounded by the cores: each thread holds
     # its decoded frames until its batch returns.
@@ -151,8 +142,7 @@ def run_scan(
             quarantine,
             options,
             PerceptualOptions.from_settings(settings),
-            tap,
-            banks,
+            extras,
         ) as pipeline,
         report.open("w") as out,
     ):

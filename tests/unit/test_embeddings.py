@@ -17,6 +17,7 @@ from worker.config import Settings
 from worker.embeddings import EmbeddingRecord, MemorySink, RecordSource, ShardSink, open_sink
 from worker.embeddings.tap import EmbeddingTap
 from worker.errors import ConfigError, InvalidDataset, StorageUnavailable
+from worker.extras import Extras
 from worker.messages import CacheOutcome, Verdict
 from worker.models.backend import Backend
 from worker.models.factory import create_backend
@@ -138,7 +139,9 @@ def test_every_model_run_streams_one_embedding_and_cache_hits_none(
     policy = load_policy("default", backend.card)
     store = LocalStore([folder])
     refs = [file_ref(p) for p in sorted(folder.iterdir())]
-    with Pipeline(backend, store, policy, MemoryCache(), tap=EmbeddingTap(sink)) as pipeline:
+    with Pipeline(
+        backend, store, policy, MemoryCache(), extras=Extras(tap=EmbeddingTap(sink))
+    ) as pipeline:
         first = [pipeline.process(ref) for ref in refs]
         again = [pipeline.process(ref) for ref in refs]
     assert all(r.cache and r.cache.outcome is CacheOutcome.MISS for r in first)
@@ -170,7 +173,9 @@ def test_a_moved_image_is_recorded_with_its_quarantine_location(
     store = LocalStore([folder, tmp_path / "q"])
     quarantine = LocalQuarantine(tmp_path / "q", store)
     ref = file_ref(sorted(folder.iterdir())[0])
-    with Pipeline(backend, store, BLOCK_ALL, quarantine=quarantine, tap=EmbeddingTap(sink)) as p:
+    with Pipeline(
+        backend, store, BLOCK_ALL, quarantine=quarantine, extras=Extras(tap=EmbeddingTap(sink))
+    ) as p:
         result = p.process(ref, act=False)  # queue mode: the action comes later
         assert result.verdict is Verdict.BLOCK
         assert sink.records == []  # held until the move settles where the image is
@@ -185,7 +190,9 @@ def test_records_waiting_for_an_action_are_written_at_close(backend: Backend, fo
     sink = MemorySink()
     store = LocalStore([folder])
     quarantine = LocalQuarantine(folder / "q", store)
-    with Pipeline(backend, store, BLOCK_ALL, quarantine=quarantine, tap=EmbeddingTap(sink)) as p:
+    with Pipeline(
+        backend, store, BLOCK_ALL, quarantine=quarantine, extras=Extras(tap=EmbeddingTap(sink))
+    ) as p:
         p.process(file_ref(sorted(folder.iterdir())[0]), act=False)
     assert len(sink.records) == 1 and sink.records[0].location is None
 

@@ -16,6 +16,7 @@ from worker.banks import BankInfo, BankMatch, MemoryBankStore, PdqHash, pdq_hash
 from worker.banks.gate import BankGate
 from worker.cache import MemoryCache
 from worker.errors import BankUnavailable
+from worker.extras import Extras
 from worker.messages import CacheOutcome, Status, Verdict
 from worker.models.backend import Backend, BatchOutput
 from worker.models.factory import create_backend
@@ -94,7 +95,7 @@ def _pipeline(
         backend,
         LocalStore([folder]),
         ALLOW_ALL,
-        banks=BankGate(store, refresh_s=0),
+        extras=Extras(banks=BankGate(store, refresh_s=0)),
         **kw,  # type: ignore[arg-type]
     )
 

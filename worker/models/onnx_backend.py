@@ -11,7 +11,7 @@ from worker.errors import ModelConfigError
 from worker.models.backend import Backend, BatchOutput
 from worker.models.card import ModelCard
 
-__all__ = ["OnnxBackend", "read_card_metadata"]
+__all__ = ["OnnxBackend", "providers_for", "read_card_metadata", "with_extra_output"]
 
 CARD_METADATA_KEY = "modq.card"
 
@@ -30,7 +30,7 @@ def read_card_metadata(path: Path) -> ModelCard | None:
     return None
 
 
-def _providers(device: str) -> list[str]:
+def providers_for(device: str) -> list[str]:
     import onnxruntime as ort
 
     available = ort.get_available_providers()
@@ -39,7 +39,7 @@ def _providers(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def _with_embedding_output(path: Path, name: str) -> bytes:
+def with_extra_output(path: Path, name: str) -> bytes:
     """Expose an intermediate tensor (open_nsfw's pool5) as a graph output, in memory."""
     import onnx
 
@@ -76,9 +76,9 @@ class OnnxBackend(Backend):
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         graph: str | bytes = str(path)
         if self._embedding:
-            graph = _with_embedding_output(path, str(self._embedding))
+            graph = with_extra_output(path, str(self._embedding))
         try:
-            self._session = ort.InferenceSession(graph, options, providers=_providers(device))
+            self._session = ort.InferenceSession(graph, options, providers=providers_for(device))
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise ModelConfigError(f"cannot load ONNX graph {path}: {exc}") from exc
         names = {i.name for i in self._session.get_inputs()}
