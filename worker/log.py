@@ -11,14 +11,20 @@ __all__ = ["configure_logging", "get_logger"]
 
 
 class _Stderr:
-    """Whatever ``sys.stderr`` is when a line is written, not when logging was configured:
-    test runners and in-process CLI runners swap it and close their stand-ins."""
+    """The stderr of when logging was configured (a worker's real stderr, before Celery
+    redirects it into its own logger), or, once that stream is closed, the stderr of the
+    moment: an in-process CLI runner swaps stderr for a stand-in it closes afterwards."""
+
+    def __init__(self) -> None:
+        self.stream = sys.stderr
 
     def write(self, text: str) -> int:
-        return sys.stderr.write(text)
+        stream = sys.stderr if self.stream.closed else self.stream
+        return stream.write(text)
 
     def flush(self) -> None:
-        sys.stderr.flush()
+        stream = sys.stderr if self.stream.closed else self.stream
+        stream.flush()
 
 
 def configure_logging(level: str = "INFO", json: bool = True) -> None:
