@@ -31,12 +31,15 @@ class EmbeddingRecord:
     # Where the image is now when a quarantine move took it away from ``image``.
     location: str | None = None
 
-    def to_dict(self) -> dict[str, Any]:
+    def fields(self) -> dict[str, Any]:
+        """Everything but the vector."""
         row: dict[str, Any] = {name: getattr(self, name) for name in _TEXT_FIELDS}
         row["nsfw_score"] = self.nsfw_score
         row["location"] = self.location
-        row["embedding"] = [float(v) for v in self.vector]
         return row
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.fields(), "embedding": [float(v) for v in self.vector]}
 
     @classmethod
     def from_dict(cls, row: dict[str, Any]) -> EmbeddingRecord:

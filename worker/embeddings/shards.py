@@ -33,19 +33,25 @@ def _pyarrow() -> tuple[Any, Any]:
 
 
 def encode_shard(records: Sequence[EmbeddingRecord], fmt: str) -> bytes:
+    """One shard's bytes. Vectors go out as float32 straight from NumPy (orjson, Arrow):
+    formatting 1024 Python floats per record was most of a sink's cost."""
     if fmt == "jsonl":
-        return "".join(json.dumps(r.to_dict()) + "\n" for r in records).encode()
+        import orjson
+
+        option = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE
+        return b"".join(
+            orjson.dumps({**r.fields(), "embedding": r.vector}, option=option) for r in records
+        )
     if fmt != "parquet":
         raise ConfigError(f"embedding shard format {fmt!r}: use one of {', '.join(FORMATS)}")
+    import numpy as np
+
     pa, pq = _pyarrow()
-    rows = [r.to_dict() for r in records]
-    columns = {name: [row[name] for row in rows] for name in rows[0] if name != "embedding"}
-    table = pa.table(
-        {
-            **columns,
-            "embedding": pa.array([r.vector for r in records], type=pa.list_(pa.float32())),
-        }
-    )
+    rows = [r.fields() for r in records]
+    columns = {name: [row[name] for row in rows] for name in rows[0]}
+    offsets = np.concatenate([[0], np.cumsum([r.vector.size for r in records])]).astype(np.int32)
+    values = pa.array(np.concatenate([r.vector for r in records]).astype(np.float32))
+    table = pa.table({**columns, "embedding": pa.ListArray.from_arrays(offsets, values)})
     out = io.BytesIO()
     pq.write_table(table, out)
     return out.getvalue()

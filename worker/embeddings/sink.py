@@ -156,8 +156,7 @@ class RedisStreamSink(EmbeddingSink):
         self.maxlen = maxlen
 
     def _write(self, record: EmbeddingRecord) -> None:
-        row = record.to_dict()
-        fields = {k: ("" if v is None else v) for k, v in row.items() if k != "embedding"}
+        fields = {k: ("" if v is None else v) for k, v in record.fields().items()}
         fields["embedding"] = record.vector.astype("<f4").tobytes()
         self.client.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)
 
