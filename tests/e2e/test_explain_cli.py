@@ -13,46 +13,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.support.cli import run_modq
 from tests.support.corpus import EXAMPLES
 from worker.config import Settings
 from worker.explain import create_explainer
 from worker.models.factory import create_backend
 
 TIMEOUT = 180
-# The command as registered on a fresh Typer app, run the way a user runs a console script.
-APP = (
-    "import typer\n"
-    "from worker.cli_explain import register\n"
-    "app = typer.Typer()\n"
-    "app.callback()(lambda: None)\n"
-    "register(app)\n"
-    "app()\n"
-)
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _explain(
     tmp: Path, *args: str | Path, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("MODQ_", "HF_"))}
-    base.update(
-        XDG_CACHE_HOME=str(tmp / "xdg-cache"),
-        HF_HOME=str(tmp / "hf-home"),
-        HF_HUB_OFFLINE="1",
-        COLUMNS="200",
-        NO_COLOR="1",
-        PYTHONPATH=str(REPO),
-        **(env or {}),
-    )
-    return subprocess.run(
-        [sys.executable, "-c", APP, "explain", *map(str, args)],
-        cwd=tmp,
-        env=base,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        check=False,
-    )
+    return run_modq("explain", *args, cwd=tmp, cache_home=tmp / "cache", timeout=TIMEOUT, env=env)
 
 
 @pytest.fixture

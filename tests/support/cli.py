@@ -27,13 +27,18 @@ def modq_env(cache_home: Path) -> dict[str, str]:
 
 
 def run_modq(
-    *args: str | Path, cwd: Path, cache_home: Path, timeout: float = TIMEOUT
+    *args: str | Path,
+    cwd: Path,
+    cache_home: Path,
+    timeout: float = TIMEOUT,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
+    """``modq ARGS`` in ``cwd``; ``env`` is laid over the clean environment."""
     assert MODQ.is_file(), f"the modq console script is not installed next to {sys.executable}"
     return subprocess.run(
         [str(MODQ), *map(str, args)],
         cwd=cwd,
-        env=modq_env(cache_home),
+        env={**modq_env(cache_home), **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,
