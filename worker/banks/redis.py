@@ -36,8 +36,6 @@ from typing import Any, TypeVar
 
 import numpy as np
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from worker.banks.base import (
     BankInfo,
@@ -51,6 +49,7 @@ from worker.banks.mih import CHUNKS, probes
 from worker.banks.pdq import HASH_BITS, PDQ_MAX_DISTANCE, parse_pdq
 from worker.config import Settings
 from worker.errors import BankUnavailable, ConfigError
+from worker.redisconn import redis_client
 
 __all__ = ["DEFAULT_TIMEOUT_S", "RedisBankStore", "bank_client"]
 
@@ -70,13 +69,7 @@ _M1, _M2, _M4, _H01 = (
 
 def bank_client(url: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> redis.Redis:
     """A pooled client that returns bytes (index records are raw) and gives up quickly."""
-    return redis.Redis.from_url(
-        url,
-        socket_connect_timeout=timeout_s,
-        socket_timeout=timeout_s,
-        retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
-        decode_responses=False,
-    )
+    return redis_client(url, timeout_s, decode_responses=False)
 
 
 def _popcount(words: np.ndarray) -> np.ndarray:

@@ -28,14 +28,13 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from worker.cache.base import CachedEntry, NearMatch, check_radius, indexable_phash, rank_near
 from worker.cache.mih import DEFAULT_RADIUS, layout_for, parse_hash, probes
 from worker.config import Settings
 from worker.errors import CacheUnavailable, ConfigError
 from worker.log import get_logger
+from worker.redisconn import redis_client as shared_client
 
 __all__ = ["CircuitBreaker", "RedisCache", "redis_client"]
 
@@ -52,15 +51,8 @@ _RESULT_SPACE = "result"  # worker.cache.results keys: {prefix}:v1:result:{reque
 
 
 def redis_client(url: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> redis.Redis:
-    """A pooled (so thread-safe) client that gives up quickly: one immediate retry when a
-    connection drops (the server restarted), none when it times out (the server hangs)."""
-    return redis.Redis.from_url(
-        url,
-        socket_connect_timeout=timeout_s,
-        socket_timeout=timeout_s,
-        retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
-        decode_responses=True,
-    )
+    """A client for the cache and the results (``worker.redisconn``), returning text."""
+    return shared_client(url, timeout_s)
 
 
 class CircuitBreaker:
