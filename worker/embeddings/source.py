@@ -27,7 +27,7 @@ from worker.embeddings.sink import (
     stream_entry_to_dict,
 )
 from worker.errors import ConfigError, InvalidDataset
-from worker.storage.folders import LocalFolder, ObjectFolder, open_folder
+from worker.storage.folders import LocalFolder, open_folder
 
 __all__ = ["RecordSource", "open_sink"]
 
@@ -48,10 +48,6 @@ def _redis(settings: Settings) -> Any:
     return redis.Redis.from_url(settings.callback_redis_url or settings.broker_url)
 
 
-def _shard_target(uri: str, settings: Settings) -> ObjectFolder:
-    return open_folder(uri, settings.s3_endpoint_url)
-
-
 def open_sink(uri: str, settings: Settings) -> EmbeddingSink:
     """The sink ``MODQ_EMBEDDING_SINK`` (or ``--embedding-sink``) names."""
     parts = urlsplit(uri)
@@ -62,7 +58,7 @@ def open_sink(uri: str, settings: Settings) -> EmbeddingSink:
             return RedisStreamSink(_redis(settings), _stream_name(uri), maxlen)
         options = _options(parts.query, {"format", "shard_size", "flush_s"}, uri)
         return ShardSink(
-            _shard_target(uri, settings),
+            open_folder(uri, settings.s3_endpoint_url),
             options.get("format", "jsonl"),
             int(options.get("shard_size", 1000)),
             float(options.get("flush_s", 60.0)),
@@ -92,7 +88,7 @@ class RecordSource:
         if urlsplit(self.uri).scheme == "redis-stream":
             yield from self._stream()
             return
-        target = _shard_target(self.uri, self.settings)
+        target = open_folder(self.uri, self.settings.s3_endpoint_url)
         if isinstance(target, LocalFolder) and not target.folder.exists():
             raise InvalidDataset(f"{self.uri}: no such file or folder")
         for name in target.names():

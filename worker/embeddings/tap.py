@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from dataclasses import replace
 
 import numpy as np
 
@@ -48,7 +49,7 @@ class EmbeddingTap:
             return
         action = result.action
         if action is not None and action.kind == "quarantine_move" and action.location:
-            record = _with_location(record, action.location)
+            record = replace(record, location=action.location)
         self.sink.write(record)
 
     def close(self) -> None:
@@ -71,9 +72,3 @@ def _record(result: ModerationResult, vector: np.ndarray) -> EmbeddingRecord:
         nsfw_score=float(result.nsfw_score or 0.0),
         vector=np.asarray(vector, dtype=np.float32),
     )
-
-
-def _with_location(record: EmbeddingRecord, location: str) -> EmbeddingRecord:
-    from dataclasses import replace
-
-    return replace(record, location=location)

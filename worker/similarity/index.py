@@ -172,7 +172,8 @@ class VectorIndex:
         return np.asarray(self.index.reconstruct(item.key), dtype=np.float32)
 
     def vectors(self, items: list[IndexedImage]) -> np.ndarray:
-        return np.stack([self.vector(item) for item in items])
+        keys = np.array([item.key for item in items], dtype=np.int64)
+        return np.asarray(self.index.reconstruct_batch(keys), dtype=np.float32)
 
     def search(self, vector: np.ndarray, k: int = 10, exact: bool = False) -> list[Neighbour]:
         """The ``k`` nearest images by cosine similarity, nearest first."""
