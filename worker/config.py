@@ -39,6 +39,20 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(50_000_000, ge=1)
     max_frames: int = Field(1_000, ge=1)
     sample_frames: int = Field(8, ge=1)
+    decode_processes: int | None = Field(
+        None,
+        ge=0,
+        description="decoder child processes, the hard backstop on decoding (CPU-time and "
+        "memory limits per decode); unset = one per core; 0 = decode in the worker itself, "
+        "with no backstop",
+    )
+    decode_cpu_s: float = Field(4.0, gt=0, description="CPU time one decode may use")
+    decode_max_memory_mb: int = Field(
+        1024, ge=16, description="memory one decoder process may use above its start-up size"
+    )
+    decode_wall_s: float = Field(
+        20.0, gt=0, description="wall time one decode may take (a stalled decoder is replaced)"
+    )
     log_level: str = "INFO"
     log_json: bool = Field(False, description="JSON log lines (the worker always logs JSON)")
 

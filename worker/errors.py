@@ -11,7 +11,11 @@ once released) and whether a retry can help::
     │   │   ├── TooManyPixels          too_many_pixels      (decompression bomb)
     │   │   ├── TooManyFrames          too_many_frames
     │   │   ├── UnsupportedFormat      unsupported_format   (not on the allowlist)
-    │   │   └── CorruptImage           corrupt_image        (truncated, undecodable)
+    │   │   ├── CorruptImage           corrupt_image        (truncated, undecodable)
+    │   │   ├── DecodeBudgetExceeded   decode_budget_exceeded  (over the decode backstop's
+    │   │   │                                                    CPU time or memory)
+    │   │   └── DecoderCrashed         decoder_crashed      (the decoder process died on it
+    │   │                                                    or answered out of protocol)
     │   ├── ReferenceError_            the reference cannot be read
     │   │   ├── ForbiddenReference     forbidden_reference  (outside roots / buckets)
     │   │   ├── InvalidReference       invalid_reference
@@ -52,6 +56,8 @@ __all__ = [
     "ConfigError",
     "CorruptImage",
     "DeadlineExceeded",
+    "DecodeBudgetExceeded",
+    "DecoderCrashed",
     "EmptyImage",
     "ForbiddenReference",
     "ImageError",
@@ -123,6 +129,20 @@ class UnsupportedFormat(ImageError):
 
 class CorruptImage(ImageError):
     code = "corrupt_image"
+
+
+class DecodeBudgetExceeded(ImageError):
+    """Decoding needed more CPU time or memory than the decode backstop allows: a fact about
+    the image (the limits hold per decode, whatever else the worker does)."""
+
+    code = "decode_budget_exceeded"
+
+
+class DecoderCrashed(ImageError):
+    """The decoder process died of its own signal on this image, or sent an answer out of
+    protocol. Permanent: a crafted input that crashes the decoder must not come back for ever."""
+
+    code = "decoder_crashed"
 
 
 class ReferenceError_(PermanentError):

@@ -7,6 +7,7 @@ where; the pipeline turns it into a result.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,6 +40,8 @@ class PipelineOptions:
     embed: bool = False
     max_batch_size: int = 32
     max_wait_ms: float = 10.0
+    #: decode's signature: in this thread by default, or a decode pool's (worker.decodepool)
+    decoder: Callable[[bytes, DecodeLimits, int | None], DecodedImage] = decode
 
     @classmethod
     def from_settings(cls, settings: Settings, embed: bool = False) -> PipelineOptions:
@@ -143,7 +146,7 @@ class ScoreLookup:
         if entry is not None and entry.pdq is not None:
             pdq = PdqHash(entry.pdq, entry.pdq_quality or 0)
         else:
-            decoded = decode(data, self.options.limits, self._draft_size)
+            decoded = self.options.decoder(data, self.options.limits, self._draft_size)
             pdq = pdq_hash(decoded.frames[0])
         return self.banks.check(pdq), pdq, decoded
 
@@ -165,7 +168,7 @@ class ScoreLookup:
             return Found(
                 self._scores(entry.probabilities), CacheOutcome.EXACT, hashes, entry.frames
             )
-        decoded = decoded or decode(data, self.options.limits, self._draft_size)
+        decoded = decoded or self.options.decoder(data, self.options.limits, self._draft_size)
         image_hashes = hash_image(data, decoded.frames[0], sha256)
         hashes = HashInfo(
             sha256=sha256, phash=image_hashes.phash, dhash=image_hashes.dhash, **pdq_info

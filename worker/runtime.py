@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from worker.cache.results import ResultStore
 from worker.config import Settings
+from worker.decodepool import Decoder, build_decoder
 from worker.extras import Extras
 from worker.log import get_logger
 from worker.pending import PendingRequests, Sweeper, resend_options
@@ -36,6 +37,8 @@ class Runtime:
     #: the producers' record of requests on a Redis broker (``None`` on another broker)
     pending: PendingRequests | None = None
     sweeper: Sweeper | None = None
+    #: the decode backstop's pool of decoder processes (worker.decodepool)
+    decoder: Decoder | None = None
 
     def start_sweeper(self, send_task: SendTask) -> None:
         """Look for requests the broker lost every ``pending_sweep_s`` (see worker.pending)."""
@@ -63,6 +66,8 @@ class Runtime:
         if self.pending is not None:
             self.pending.close()
         self.pipeline.close()
+        if self.decoder is not None:
+            self.decoder.close()
 
 
 def _policies(settings: Settings, pipeline_policy: Policy, card: Any) -> dict[str, Policy]:
@@ -91,13 +96,14 @@ def build_runtime(settings: Settings, send_task: SendTask) -> Runtime:
         results = RedisResultStore.from_settings(settings, client)
     policy = load_policy(settings.policy, backend.card)
     extras = Extras.from_settings(settings, backend, settings.banks_redis_url)
+    decoder = build_decoder(settings)  # the decode backstop: decoder processes
     pipeline = Pipeline(
         backend,
         store,
         policy,
         cache,
         build_quarantine(settings, store),
-        PipelineOptions.from_settings(settings),
+        replace(PipelineOptions.from_settings(settings), decoder=decoder.decode),
         PerceptualOptions.from_settings(settings),
         extras,
     )
@@ -109,7 +115,9 @@ def build_runtime(settings: Settings, send_task: SendTask) -> Runtime:
         settings.default_callback,
     )
     log.info("worker ready", model=backend.describe(), batch=settings.max_batch_size)
-    return Runtime(settings, pipeline, service, PendingRequests.from_settings(settings))
+    return Runtime(
+        settings, pipeline, service, PendingRequests.from_settings(settings), decoder=decoder
+    )
 
 
 _lock = threading.Lock()

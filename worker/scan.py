@@ -6,7 +6,8 @@ import os
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from contextlib import closing
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -110,6 +111,7 @@ def run_scan(
 ) -> ScanSummary:
     """Wire the pipeline from ``settings`` and scan ``paths`` into ``report``."""
     from worker.cache import SQLiteCache
+    from worker.decodepool import build_decoder
     from worker.extras import Extras
     from worker.models.precision import load_model
     from worker.pipeline import PerceptualOptions, Pipeline, PipelineOptions
@@ -134,13 +136,14 @@ def run_scan(
     )
     report.parent.mkdir(parents=True, exist_ok=True)
     with (
+        closing(build_decoder(settings)) as decoder,  # the decode backstop: decoder processes
         Pipeline(
             backend,
             store,
             load_policy(settings.policy, backend.card),
             cache,
             quarantine,
-            options,
+            replace(options, decoder=decoder.decode),
             PerceptualOptions.from_settings(settings),
             extras,
         ) as pipeline,

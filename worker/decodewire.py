@@ -1,0 +1,161 @@
+"""What the worker and a decoder process say to each other over a pair of pipes.
+
+No pickle: the decoder handles hostile bytes and may have been subverted by them, so the worker
+reads from it only fixed-size headers, a short JSON document and raw RGB bytes, and checks
+every size and count against the limits it asked for before it allocates or trusts anything.
+Each message is one header, its JSON, then its payload::
+
+    header    4-byte kind · u32 JSON length · u64 payload length   (little-endian)
+
+    worker → decoder   JOB     {"limits": {…}, "draft_size": n|null, "cpu_s": s}     the bytes
+    decoder → worker   READY   {"pid": n}                                            (none)
+                       FRAMES  {"format", "width", "height", "frame_count",
+                                "frames": [[w, h], …]}                                RGB rows
+                       ERROR   {"code", "message"}                                   (none)
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from worker.decode import DecodeLimits
+from worker.errors import DecoderCrashed, ImageError, InternalError, ModqError
+
+__all__ = [
+    "ERROR",
+    "EXIT_OUT_OF_MEMORY",
+    "FRAMES",
+    "HEADER",
+    "JOB",
+    "MAX_JSON",
+    "READY",
+    "FrameLayout",
+    "child_error",
+    "frame_layout",
+    "pack",
+    "parse_header",
+    "parse_json",
+]
+
+HEADER = struct.Struct("<4sIQ")
+JOB, READY, FRAMES, ERROR = b"MQDj", b"MQDr", b"MQDf", b"MQDe"
+#: the exit status of a decoder that ran out of memory even while reporting it
+EXIT_OUT_OF_MEMORY = 3
+#: longer JSON from a decoder is a lie: a FRAMES document for the most frames is far shorter
+MAX_JSON = 64 * 1024
+_MAX_MESSAGE = 1000
+_MAX_FORMAT = 16
+
+
+def pack(kind: bytes, document: dict[str, Any], payload_len: int = 0) -> bytes:
+    """One header and its JSON; the payload follows it on the wire."""
+    body = json.dumps(document, separators=(",", ":")).encode()
+    return HEADER.pack(kind, len(body), payload_len) + body
+
+
+def parse_header(raw: bytes, expected: tuple[bytes, ...]) -> tuple[bytes, int, int]:
+    """(kind, JSON length, payload length) of a header the decoder sent."""
+    kind, json_len, payload_len = HEADER.unpack(raw)
+    if kind not in expected:
+        raise _lie(f"a message of kind {kind!r} where {expected} was due")
+    if json_len > MAX_JSON:
+        raise _lie(f"a {json_len}-byte document (at most {MAX_JSON})")
+    return kind, json_len, payload_len
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    try:
+        document = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise _lie("a document that is not JSON") from exc
+    if not isinstance(document, dict):
+        raise _lie("a JSON document that is not an object")
+    return document
+
+
+@dataclass(frozen=True)
+class FrameLayout:
+    """A FRAMES answer the worker checked: the sizes of the RGB frames that follow it."""
+
+    format: str
+    width: int
+    height: int
+    frame_count: int
+    sizes: tuple[tuple[int, int], ...]
+
+    @property
+    def payload_len(self) -> int:
+        return sum(3 * w * h for w, h in self.sizes)
+
+
+def frame_layout(document: dict[str, Any], payload_len: int, limits: DecodeLimits) -> FrameLayout:
+    """The frames a decoder announced, refused unless every count fits the limits it was
+    given and the payload it announced is exactly their RGB bytes."""
+    fmt = document.get("format")
+    if not isinstance(fmt, str) or not fmt.isalnum() or len(fmt) > _MAX_FORMAT:
+        raise _lie(f"format {fmt!r}")
+    width, height = _positive(document, "width"), _positive(document, "height")
+    frame_count = _positive(document, "frame_count")
+    if width * height > limits.max_pixels or frame_count > limits.max_frames:
+        raise _lie(f"{width}x{height} pixels and {frame_count} frames, over the limits")
+    frames = document.get("frames")
+    most = min(frame_count, max(1, limits.sample_frames))
+    if not isinstance(frames, list) or not 1 <= len(frames) <= most:
+        raise _lie(f"a frame list {str(frames)[:80]} for {frame_count} frames")
+    sizes = tuple(_size(frame) for frame in frames)
+    pixels = sum(w * h for w, h in sizes)
+    if pixels > limits.max_pixels:
+        raise _lie(f"frames of {pixels} pixels together; the limit is {limits.max_pixels}")
+    layout = FrameLayout(fmt, width, height, frame_count, sizes)
+    if payload_len != layout.payload_len:
+        raise _lie(f"{payload_len} payload bytes for frames of {layout.payload_len}")
+    return layout
+
+
+def child_error(document: dict[str, Any]) -> ModqError:
+    """The image error a decoder reported, if it names one modq knows; else a lie."""
+    code, message = document.get("code"), document.get("message")
+    if not isinstance(code, str) or not isinstance(message, str):
+        raise _lie("an error without a code and a message")
+    message = message[:_MAX_MESSAGE]
+    if code == InternalError.code:
+        return InternalError(f"the decoder failed: {message}")
+    known = _image_errors()
+    if code not in known:
+        raise _lie(f"an unknown error code {code[:40]!r}")
+    return known[code](message)
+
+
+def _image_errors() -> dict[str, type[ImageError]]:
+    """Every image error code, new ones included: the decoder raises what decode raises."""
+    found: dict[str, type[ImageError]] = {}
+    pending: list[type[ImageError]] = [ImageError]
+    while pending:
+        cls = pending.pop()
+        found.setdefault(cls.code, cls)
+        pending.extend(cls.__subclasses__())
+    return found
+
+
+def _positive(document: dict[str, Any], name: str) -> int:
+    value = document.get(name)
+    if type(value) is not int or value < 1:
+        raise _lie(f"{name} {value!r}")
+    return value
+
+
+def _size(frame: object) -> tuple[int, int]:
+    if (
+        not isinstance(frame, list)
+        or len(frame) != 2
+        or not all(type(side) is int and side >= 1 for side in frame)
+    ):
+        raise _lie(f"a frame size {str(frame)[:40]}")
+    return frame[0], frame[1]
+
+
+def _lie(what: str) -> DecoderCrashed:
+    return DecoderCrashed(f"the decoder process answered out of protocol ({what}); not trusted")
