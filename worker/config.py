@@ -83,7 +83,9 @@ class Settings(BaseSettings):
     )
     perceptual_radius: int = Field(6, ge=0, le=16, description="max Hamming distance (64-bit)")
     perceptual_reuse_safe: bool = Field(
-        False, description="reuse safe verdicts on perceptual matches (pHash and dHash agree)"
+        False,
+        description="deprecated and ignored (a warning is logged): perceptual matches reuse "
+        "only block verdicts",
     )
     queue: str = "modq"
     dead_letter_queue: str = "modq.dead"

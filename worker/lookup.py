@@ -61,16 +61,22 @@ class PipelineOptions:
 
 @dataclass(frozen=True)
 class PerceptualOptions:
-    """The perceptual cache tier: ``radius`` in bits of a 64-bit pHash; ``reuse_safe`` lets a
-    near-duplicate inherit a safe verdict too (then pHash and dHash must both agree)."""
+    """The perceptual cache tier: ``radius`` in bits of a 64-bit pHash. A near-duplicate
+    inherits a block verdict only (``choose_near_match``)."""
 
     enabled: bool = True
     radius: int = 6
-    reuse_safe: bool = False
 
     @classmethod
     def from_settings(cls, settings: Settings) -> PerceptualOptions:
-        return cls(radius=settings.perceptual_radius, reuse_safe=settings.perceptual_reuse_safe)
+        if settings.perceptual_reuse_safe:
+            # Accepted so existing deployments start, but a safe verdict is the most lowering
+            # one a near match could lend, and no pair of hashes makes that safe.
+            log.warning(
+                "MODQ_PERCEPTUAL_REUSE_SAFE is deprecated and ignored: a perceptual match "
+                "reuses only a block verdict; every other image is classified"
+            )
+        return cls(radius=settings.perceptual_radius)
 
 
 @dataclass(frozen=True)
@@ -211,9 +217,10 @@ class ScoreLookup:
         )
 
     def _near(self, hashes: ImageHashes, policy: Policy) -> NearMatch | None:
-        """The perceptual tier. Trust is asymmetric: a near-duplicate may inherit an unsafe
-        verdict; a safe one only when the operator opted in and both hashes agree. Flat or
-        tiny images look alike to any perceptual hash and are never matched."""
+        """The perceptual tier. A near-duplicate inherits a cached score only when it blocks
+        under this request's policy: no model run on the image itself could answer worse, so
+        reuse never lowers a verdict. Flat or tiny images look alike to any perceptual hash
+        and are never matched."""
         if self.cache is None or not hashes.informative or not self.perceptual.enabled:
             return None
         radius = self.perceptual.radius
@@ -223,11 +230,11 @@ class ScoreLookup:
             log.warning("cache unavailable; classifying", error=str(exc))
             return None
 
-        def is_unsafe(entry: CachedEntry) -> bool:
+        def blocks(entry: CachedEntry) -> bool:
             scores = self._scores(entry.probabilities)
-            return policy.decide(scores.nsfw_score) is not Verdict.ALLOW
+            return policy.decide(scores.nsfw_score) is Verdict.BLOCK
 
-        return choose_near_match(matches, is_unsafe, self.perceptual.reuse_safe, radius)
+        return choose_near_match(matches, blocks, radius)
 
     def _scores(self, probabilities: dict[str, float]) -> Scores:
         row = np.array(

@@ -192,6 +192,23 @@ SCENARIOS: dict[str, Scenario] = {
         "a near-duplicate of a cached **unsafe** image",
         "the unsafe verdict propagates (perceptual hit)",
     ),
+    "cache.near_never_lowers_sqlite": Scenario(
+        _C,
+        "near-duplicates either side of every policy threshold, SQLite cache (`modq scan`)",
+        "only a cached block is reused; every other image is classified: never below its own "
+        "verdict",
+    ),
+    "cache.near_never_lowers_redis": Scenario(
+        _C,
+        "near-duplicates either side of every policy threshold, Redis cache (worker)",
+        "only a cached block is reused; every other image is classified: never below its own "
+        "verdict",
+    ),
+    "cache.near_review_then_block": Scenario(
+        _C,
+        "`modq scan` of a near-duplicate scoring block after one scoring review",
+        "the second is classified and blocked, not given the cached review",
+    ),
 }
 
 

@@ -1,5 +1,5 @@
-"""The contract every verdict cache keeps (memory, SQLite, Redis), the asymmetric trust of
-perceptual matches, and the result store (memory, Redis).
+"""The contract every verdict cache keeps (memory, SQLite, Redis), what a perceptual match
+may lend (block only), and the result store (memory, Redis).
 
 The Redis cases run against a real redis-server this module starts on a free port.
 """
@@ -377,7 +377,7 @@ def test_redis_refuses_ambiguous_keys(redis_url: str) -> None:
         cache.close()
 
 
-# --- asymmetric trust -----------------------------------------------------------------------
+# --- what a near match may lend -------------------------------------------------------------
 
 
 def _match(
@@ -388,43 +388,30 @@ def _match(
     )
 
 
-def _unsafe(entry: CachedEntry) -> bool:
-    return entry.probabilities["nsfw"] >= 0.5
+def _blocks(entry: CachedEntry) -> bool:
+    return entry.probabilities["nsfw"] >= 0.8
 
 
-def test_an_unsafe_near_match_is_reused() -> None:
+def test_a_blocking_near_match_is_reused_nearest_first() -> None:
     matches = [_match(1, 0.9, 4, None), _match(2, 0.95, 2, 40)]
-    assert choose_near_match(matches, _unsafe, False, RADIUS) == matches[1]
+    assert choose_near_match(matches, _blocks, RADIUS) == matches[1]
 
 
-def test_a_safe_near_match_is_never_reused_by_default() -> None:
-    assert choose_near_match([_match(1, 0.1, 0, 0)], _unsafe, False, RADIUS) is None
+@pytest.mark.parametrize("nsfw", [0.0, 0.1, 0.5, 0.79])
+def test_a_near_match_below_block_is_never_reused(nsfw: float) -> None:
+    # Even with both hashes at distance 0: a near match is another image.
+    assert choose_near_match([_match(1, nsfw, 0, 0)], _blocks, RADIUS) is None
 
 
-def test_unsafe_wins_over_a_nearer_safe_match() -> None:
-    matches = [_match(1, 0.1, 0, 0), _match(2, 0.9, 5, 30)]
-    assert choose_near_match(matches, _unsafe, True, RADIUS) == matches[1]
-
-
-@pytest.mark.parametrize(
-    ("dhash_distance", "reused"), [(0, True), (RADIUS, True), (RADIUS + 1, False), (None, False)]
-)
-def test_a_safe_match_needs_both_hashes_when_opted_in(
-    dhash_distance: int | None, reused: bool
-) -> None:
-    match = _match(1, 0.1, 3, dhash_distance)
-    assert (choose_near_match([match], _unsafe, True, RADIUS) == match) is reused
-
-
-def test_the_nearest_safe_match_whose_dhash_agrees_is_chosen() -> None:
-    matches = [_match(1, 0.1, 1, 30), _match(2, 0.2, 3, 2), _match(3, 0.1, 2, 4)]
-    assert choose_near_match(matches, _unsafe, True, RADIUS) == matches[2]
+def test_a_block_wins_over_nearer_matches_that_do_not_block() -> None:
+    matches = [_match(1, 0.1, 0, 0), _match(2, 0.5, 1, 1), _match(3, 0.9, 5, 30)]
+    assert choose_near_match(matches, _blocks, RADIUS) == matches[2]
 
 
 def test_matches_past_the_radius_or_flat_are_ignored() -> None:
     matches = [_match(1, 0.9, RADIUS + 1, 0), _match(2, 0.9, 0, 0, informative=False)]
-    assert choose_near_match(matches, _unsafe, True, RADIUS) is None
-    assert choose_near_match([], _unsafe, True, RADIUS) is None
+    assert choose_near_match(matches, _blocks, RADIUS) is None
+    assert choose_near_match([], _blocks, RADIUS) is None
 
 
 # --- result store ---------------------------------------------------------------------------

@@ -192,12 +192,8 @@ def _measure(backend: Backend, attack: Attack, radius: int) -> Figures:
 
 def _shipped_perceptual() -> PerceptualOptions:
     """The perceptual tier as Settings ship it (their defaults, not this machine's env)."""
-    fields = Settings.model_fields
-    options = PerceptualOptions(
-        radius=fields["perceptual_radius"].default,
-        reuse_safe=fields["perceptual_reuse_safe"].default,
-    )
-    assert options.enabled and not options.reuse_safe
+    options = PerceptualOptions(radius=Settings.model_fields["perceptual_radius"].default)
+    assert options.enabled
     return options
 
 

@@ -1,8 +1,8 @@
 """The cache seam, the asymmetric-trust rule for perceptual matches, and the in-memory fake.
 
 Two tiers: an exact match on the sha256 of the bytes, and a near match on the perceptual hash.
-Perceptual hashes can be collided on purpose, so a near match is trusted asymmetrically (see
-``choose_near_match``): by default it may only reuse an unsafe verdict.
+A near match is another image, so it may only lend a verdict the model could not make more
+severe on this one: block (see ``choose_near_match``).
 """
 
 from __future__ import annotations
@@ -134,32 +134,24 @@ def rank_near(
 
 def choose_near_match(
     matches: Iterable[NearMatch],
-    is_unsafe: Callable[[CachedEntry], bool],
-    reuse_safe: bool,
+    blocks: Callable[[CachedEntry], bool],
     radius: int,
 ) -> NearMatch | None:
     """The near match whose scores may be reused, or None (classify the image).
 
-    The nearest unsafe match wins, and wins over any safe match: a re-upload of known-bad
-    content is worth catching, and a forged pHash collision with a bad image can at worst
-    cost its uploader a block. A safe match is reused only if the operator opted in and both
-    independent hashes agree within ``radius``, because a forged collision with a safe image
-    would let bad content through.
+    A near match lends its verdict to a different image, so it may only lend one that no model
+    run on that image could make more severe: the most severe, block (``blocks`` judges it
+    under the request's policy). Anything less is classified, because a near-duplicate of a
+    review or allow image can score higher on its own: a pHash distance of a few bits leaves
+    room for different content, and pHash collisions can be forged. The nearest blocking match
+    wins; reusing it catches a re-upload of known-bad content, and a forged collision with a
+    bad image can at worst cost its uploader a block.
     """
     usable = sorted(
         (m for m in matches if m.entry.informative and m.phash_distance <= radius),
         key=_nearness,
     )
-    safe: list[NearMatch] = []
-    for match in usable:
-        if is_unsafe(match.entry):
-            return match
-        safe.append(match)
-    if not reuse_safe:
-        return None
-    return next(
-        (m for m in safe if m.dhash_distance is not None and m.dhash_distance <= radius), None
-    )
+    return next((m for m in usable if blocks(m.entry)), None)
 
 
 class MemoryCache:
