@@ -198,6 +198,33 @@ SCENARIOS: dict[str, Scenario] = {
         "only a cached block is reused; every other image is classified: never below its own "
         "verdict",
     ),
+    "ref.http_slowloris": Scenario(
+        _R,
+        "an image server dripping its headers, body or TLS handshake one byte at a time",
+        "`storage_unavailable` (retryable) at the one download deadline, not per byte",
+    ),
+    "ref.webhook_slowloris": Scenario(
+        _R,
+        "a webhook receiver dripping its answer one byte at a time",
+        "each attempt ends at its deadline; the publish ends within its budget",
+    ),
+    "ref.file_special": Scenario(
+        _R,
+        "`file://` naming a FIFO, a socket, a device, a directory; NUL bytes, over-long names",
+        "refused at once without blocking (`forbidden_reference`, `not_found`, "
+        "`invalid_reference`)",
+    ),
+    "ref.file_race": Scenario(
+        _R,
+        "`file://` path component swapped for a symlink to outside while being read",
+        "no read ever returns the outside file's bytes",
+    ),
+    "ref.ipv6_embedded": Scenario(
+        _R,
+        "IPv6 forms embedding a private IPv4 (compatible, mapped, SIIT, NAT64, 6to4, Teredo), "
+        "site-local `fec0::/10`",
+        "`forbidden_reference`; every form judged as its IPv4 address",
+    ),
     "cache.near_never_lowers_redis": Scenario(
         _C,
         "near-duplicates either side of every policy threshold, Redis cache (worker)",

@@ -32,6 +32,11 @@ pool keyed by address could otherwise reuse one hostname's verified connection f
 Proxy variables are ignored (a proxy would resolve the name itself, past the guard); the CA
 bundle is certifi's unless ``SSL_CERT_FILE`` or ``SSL_CERT_DIR`` names a private one.
 
+Each attempt has one deadline (``timeout_s``, cut to what is left of the publish budget) for
+connect, TLS handshake, sending the result and the receiver's status line and headers: every
+socket operation gets only the time left (``worker.storage.deadline``), so a receiver that
+drips its answer a byte at a time cannot hold the worker past it.
+
 Connection errors, timeouts, 408, 425, 429 and 5xx are retried in-process with exponential
 backoff and jitter, honouring ``Retry-After``, within a budget per publish call; after that
 ``CallbackFailed`` hands the retry to the task, which finally dead-letters the result.
@@ -42,6 +47,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import random
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,6 +63,7 @@ from worker.errors import (
 )
 from worker.log import get_logger
 from worker.messages import ModerationResult
+from worker.storage.deadline import DeadlineTransport, within
 from worker.storage.netguard import NetworkGuard
 
 __all__ = ["WebhookPublisher", "sign", "verify_signature"]
@@ -145,6 +152,12 @@ def _classify(response: httpx.Response, origin: str) -> _Retry | None:
     raise InvalidCallback(f"{origin} refused the result: HTTP {status}")
 
 
+def _drop_location(response: httpx.Response) -> None:
+    """Redirects are refused, never followed: without this, httpx would still parse a 3xx's
+    Location and fail the send, as a retryable transport error, on one it cannot parse."""
+    response.headers.pop("Location", None)
+
+
 class WebhookPublisher:
     """``retries`` attempts follow the first; waits grow from ``backoff_s`` (doubling, with
     jitter) and one publish call, attempts included, stays within ``max_total_s``."""
@@ -160,6 +173,7 @@ class WebhookPublisher:
         backoff_s: float = 0.5,
         max_total_s: float = 30.0,
         sleep: Callable[[float], None] = time.sleep,
+        verify: ssl.SSLContext | None = None,
     ) -> None:
         self.guard = guard
         self._secret = secret.encode() if secret else None
@@ -168,12 +182,14 @@ class WebhookPublisher:
         self.backoff_s = backoff_s
         self.max_total_s = max_total_s
         self._sleep = sleep
-        no_reuse = httpx.Limits(max_keepalive_connections=0)
+        # The CA bundle is certifi's unless SSL_CERT_FILE / SSL_CERT_DIR name a private one.
+        context = verify or httpx.create_ssl_context()
         self._client = httpx.Client(
-            transport=transport or httpx.HTTPTransport(limits=no_reuse),
+            transport=transport or DeadlineTransport(context),
             trust_env=False,
             follow_redirects=False,
             headers={"User-Agent": USER_AGENT},
+            event_hooks={"response": [_drop_location]},
         )
 
     def close(self) -> None:
@@ -218,16 +234,21 @@ class WebhookPublisher:
             raise InvalidCallback(f"webhook host refused: {exc}") from exc
         except StorageUnavailable as exc:
             return _Retry(str(exc))
+        budget = max(0.001, min(self.timeout_s, remaining))
         request = self._client.build_request(
             "POST",
             target.at(address),
             content=body,
             headers=self._headers(target, body, request_id, secret),
-            timeout=max(0.001, min(self.timeout_s, remaining)),
+            timeout=budget,
             extensions={"sni_hostname": target.host},
         )
+        deadline = time.monotonic() + budget
         try:
-            response = self._client.send(request, stream=True)
+            with within(deadline):
+                response = self._client.send(request, stream=True)
+        except httpx.TimeoutException as exc:
+            return _Retry(f"no answer within {budget:.3g} s ({type(exc).__name__})")
         except httpx.TransportError as exc:
             return _Retry(f"{type(exc).__name__}: {exc}")
         response.close()  # the receiver's body is not read: its status says all

@@ -22,8 +22,11 @@ Bodies are read raw with ``Accept-Encoding: identity`` and a byte cap (Content-L
 then while streaming). A server that compresses anyway is refused: decoding gzip on the fly
 could expand a small chunk a thousandfold before the cap is checked. No cookies are kept, no
 proxy, netrc or credentials come from the environment, and URLs carrying user:password are
-refused. The whole read, redirects included, has a deadline (three times the per-operation
-timeout unless set) so a server that drips bytes cannot hold a task thread for long.
+refused. The whole read, redirects included, has one deadline (three times the per-operation
+timeout unless set): every socket operation, from connect and the TLS handshake through the
+status line, headers and body, gets only the time left (``worker.storage.deadline``), so a
+server that drips one byte at a time, anywhere in the exchange, cannot hold a task thread past
+it. Running out of time is a retryable ``StorageUnavailable``, like any timeout.
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ USER_AGENT = "modq (image moderation)"
 _NOT_FOUND = frozenset({404, 410})
 _FORBIDDEN = frozenset({401, 403, 407, 451})
 _TRANSIENT = frozenset({408, 425, 429})
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_LOCATION = "modq.location"
 _HOSTNAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*\.?")
 
 
@@ -90,18 +95,21 @@ class HttpStore:
     def _new_client(self) -> httpx.Client:
         import httpx
 
+        from worker.storage.deadline import DeadlineTransport
+
         # Only the CA settings come from the environment (SSL_CERT_FILE / SSL_CERT_DIR, for
         # a private CA), as for webhooks; proxies and netrc never do.
-        verify = httpx.create_ssl_context() if self._verify is True else self._verify
+        verify = self._verify
+        context = verify if isinstance(verify, ssl.SSLContext) else httpx.create_ssl_context(verify)
         return httpx.Client(
-            transport=self._transport,
-            verify=verify,
+            transport=self._transport or DeadlineTransport(context),
             timeout=httpx.Timeout(self.timeout_s),
             limits=httpx.Limits(max_keepalive_connections=0),
             follow_redirects=False,
             trust_env=False,
             cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
             headers={"User-Agent": USER_AGENT},
+            event_hooks={"response": [_take_location]},
         )
 
     def close(self) -> None:
@@ -113,7 +121,7 @@ class HttpStore:
 
         try:
             url = _checked_url(httpx.URL(ref), ref)
-        except httpx.InvalidURL as exc:
+        except (httpx.InvalidURL, ValueError) as exc:
             raise InvalidReference(f"{ref!r} is not a valid URL: {exc}") from exc
         deadline = time.monotonic() + self.deadline_s
         for _ in range(self.max_redirects + 1):
@@ -129,24 +137,45 @@ class HttpStore:
         """The body at ``url``, or the checked URL it redirects to."""
         import httpx
 
+        from worker.storage.deadline import within
+
         if time.monotonic() > deadline:
-            raise StorageUnavailable(f"{ref}: the download did not finish in time")
+            raise StorageUnavailable(f"{ref}: {self._late}")
         request = self._pinned_request(url)
         try:
-            response = self.client.send(request, stream=True)
-            try:
-                if response.has_redirect_location:
-                    return b"", _redirect_target(url, response, ref)
-                _check_status(response, ref)
-                return _read_capped(response, max_bytes, ref, deadline), None
-            finally:
-                response.close()
+            with within(deadline):
+                response = self._send(request, ref, url)
+                try:
+                    if response.status_code in _REDIRECTS:
+                        return b"", _redirect_target(url, response, ref)
+                    _check_status(response, ref)
+                    return _read_capped(response, max_bytes, ref, deadline, self._late), None
+                finally:
+                    response.close()
         except httpx.TimeoutException as exc:
-            raise StorageUnavailable(f"{ref}: {url.host} timed out") from exc
+            late = self._late if time.monotonic() >= deadline else "timed out"
+            raise StorageUnavailable(f"{ref}: {url.host} {late}") from exc
         except httpx.TransportError as exc:
             if _is_certificate_error(exc):
                 raise ForbiddenReference(f"{ref}: {url.host}'s certificate: {exc}") from exc
             raise StorageUnavailable(f"{ref}: cannot fetch from {url.host}: {exc}") from exc
+
+    def _send(self, request: httpx.Request, ref: str, url: httpx.URL) -> httpx.Response:
+        import httpx
+
+        try:
+            return self.client.send(request, stream=True)
+        except httpx.RemoteProtocolError as exc:
+            # A status line or header the HTTP parser refuses (a Location with control
+            # characters, say) is what this server answers, every time; a connection that
+            # closed before answering is not, and stays retryable.
+            if _refused_by_parser(exc):
+                raise InvalidReference(f"{ref}: {url.host} answered no valid HTTP: {exc}") from exc
+            raise
+
+    @property
+    def _late(self) -> str:
+        return f"did not finish the download within its {self.deadline_s:g} s deadline"
 
     def _pinned_request(self, url: httpx.URL) -> httpx.Request:
         """A GET for ``url`` sent to the address the guard approved for its host."""
@@ -173,10 +202,14 @@ def _checked_url(url: httpx.URL, ref: str) -> httpx.URL:
         raise InvalidReference(f"{ref!r} has no valid host")
     if url.userinfo:
         raise InvalidReference(f"{ref!r}: URLs carrying credentials are refused")
+    if url.port is not None and not 0 < url.port < 65536:
+        raise InvalidReference(f"{ref!r}: port {url.port} is out of range")
     return url
 
 
 def _is_host(host: str) -> bool:
+    if "%" in host:  # an IPv6 zone: no business in a URL from a request
+        return False
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -187,12 +220,24 @@ def _is_host(host: str) -> bool:
 def _redirect_target(url: httpx.URL, response: httpx.Response, ref: str) -> httpx.URL:
     import httpx
 
-    location = response.headers["Location"]
+    locations = response.extensions.get(_LOCATION) or []
+    if len(locations) != 1 or not locations[0].strip():
+        raise InvalidReference(f"{ref}: a {response.status_code} without one usable Location")
+    location = locations[0]
     try:
         # Joined against the URL as named (a hostname), not the IP the request went to.
         return _checked_url(url.join(location), ref)
-    except httpx.InvalidURL as exc:
+    except (httpx.InvalidURL, ValueError) as exc:
         raise InvalidReference(f"{ref}: bad redirect to {location!r}") from exc
+
+
+def _take_location(response: httpx.Response) -> None:
+    """Move Location out of httpx's sight: even when not following redirects, httpx builds
+    the next request from it and fails the whole send, as a retryable transport error, on one
+    it cannot parse. ``_redirect_target`` judges it instead."""
+    if "Location" in response.headers:
+        response.extensions[_LOCATION] = response.headers.get_list("Location")
+        del response.headers["Location"]
 
 
 def _check_status(response: httpx.Response, ref: str) -> None:
@@ -212,7 +257,9 @@ def _check_status(response: httpx.Response, ref: str) -> None:
     raise InvalidReference(message)
 
 
-def _read_capped(response: httpx.Response, max_bytes: int, ref: str, deadline: float) -> bytes:
+def _read_capped(
+    response: httpx.Response, max_bytes: int, ref: str, deadline: float, late: str
+) -> bytes:
     declared = response.headers.get("Content-Length", "")
     if declared.isdigit() and int(declared) > max_bytes:
         raise ImageTooLarge(f"{ref} is {declared} bytes, over the {max_bytes} limit")
@@ -224,14 +271,24 @@ def _read_capped(response: httpx.Response, max_bytes: int, ref: str, deadline: f
         if total > max_bytes:
             raise ImageTooLarge(f"{ref} is over the {max_bytes}-byte limit")
         if time.monotonic() > deadline:
-            raise StorageUnavailable(f"{ref}: the download did not finish in time")
+            raise StorageUnavailable(f"{ref}: {late}")
     return b"".join(chunks)
 
 
+def _refused_by_parser(exc: BaseException) -> bool:
+    import h11
+
+    return any(isinstance(seen, h11.RemoteProtocolError) for seen in _chain(exc))
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
 def _is_certificate_error(exc: BaseException) -> bool:
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, ssl.SSLCertVerificationError):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
+    return any(isinstance(seen, ssl.SSLCertVerificationError) for seen in _chain(exc))
