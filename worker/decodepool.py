@@ -145,7 +145,9 @@ class DecodePool:
     def _start(self) -> None:
         """Start every child and wait until each is ready: a worker whose decoders cannot
         start must not take messages."""
-        self._slots = [_Slot(self._spawn()) for _ in range(self.backstop.processes)]
+        for _ in range(self.backstop.processes):
+            self._slots.append(_Slot(self._spawn()))
+            self._idle.append(self._slots[-1])  # nobody can take one yet; close() stops it
         for slot in self._slots:
             assert slot.child is not None
             watch = self._watchdog.watch(slot.child, self.backstop.cpu_s, _START_S)
@@ -157,7 +159,6 @@ class DecodePool:
                 ) from exc
             finally:
                 self._watchdog.unwatch(watch)
-        self._idle = list(self._slots)
 
     def pids(self) -> list[int]:
         """The decoder processes now running (for tests and operators)."""
