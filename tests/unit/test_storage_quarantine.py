@@ -162,6 +162,12 @@ def quarantine(root: Path, tmp_path: Path) -> LocalQuarantine:
     return LocalQuarantine(tmp_path / "quarantine", LocalStore([root]))
 
 
+def _copy_step(quarantine: LocalQuarantine, source: Path, target: Path, sha: str) -> None:
+    """The move's first step alone, as a crash right after it would leave things."""
+    with quarantine.store.locate(file_ref(source)) as found:
+        quarantine._place_copy(found, target, sha)
+
+
 def _leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.endswith(".partial"))
 
@@ -195,7 +201,7 @@ def test_crash_after_copy_is_finished_by_the_next_move(
     sha = _sha(SCORED)
     target = quarantine.target_for(source, sha)
     quarantine.destination.mkdir(parents=True)
-    quarantine._place_copy(source, target, sha)  # the first step, then "crash"
+    _copy_step(quarantine, source, target, sha)  # the first step, then "crash"
     assert source.exists() and target.read_bytes() == SCORED
     location = quarantine.apply(file_ref(source), sha, {"verdict": "block"})
     assert Path(location) == target
@@ -264,7 +270,7 @@ def test_source_replaced_after_copy_is_not_deleted(
     sha = _sha(SCORED)
     target = quarantine.target_for(source, sha)
     quarantine.destination.mkdir(parents=True)
-    quarantine._place_copy(source, target, sha)  # crash after the copy …
+    _copy_step(quarantine, source, target, sha)  # crash after the copy …
     replacement = source.with_name("new-upload.tmp")
     replacement.write_bytes(OTHER)
     os.replace(replacement, source)  # … then a new upload takes the name
@@ -282,7 +288,7 @@ def test_source_rewritten_in_place_after_copy_keeps_scored_bytes(
     sha = _sha(SCORED)
     target = quarantine.target_for(source, sha)
     quarantine.destination.mkdir(parents=True)
-    quarantine._place_copy(source, target, sha)  # crash after the copy …
+    _copy_step(quarantine, source, target, sha)  # crash after the copy …
     with source.open("wb") as handle:  # … then the name is rewritten in place
         handle.write(OTHER)
     with pytest.raises(SourceChanged):
@@ -310,7 +316,7 @@ def test_quarantine_copy_is_its_own_file(source: Path, quarantine: LocalQuaranti
     sha = _sha(SCORED)
     target = quarantine.target_for(source, sha)
     quarantine.destination.mkdir(parents=True)
-    quarantine._place_copy(source, target, sha)
+    _copy_step(quarantine, source, target, sha)
     assert os.stat(target).st_ino != os.stat(source).st_ino
     assert os.stat(source).st_nlink == 1
     location = Path(quarantine.apply(file_ref(source), sha, {"verdict": "block"}))

@@ -7,7 +7,6 @@ import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from worker.config import QuarantineAction
@@ -21,6 +20,7 @@ from worker.errors import (
 from worker.quarantine.base import check_action
 from worker.quarantine.local import delete_verified_file
 from worker.storage import LocalStore
+from worker.storage.local import Located
 from worker.storage.s3 import (
     ObjectDigest,
     ObjectHead,
@@ -88,7 +88,10 @@ class S3Quarantine:
         """A local file into the bucket: upload, read back and verify, record, then delete
         the file only while it still holds the scored bytes."""
         assert self.local is not None
-        path = self.local.confine(ref)
+        with self.local.locate(ref) as path:
+            return self._apply_located(path, ref, sha256, record)
+
+    def _apply_located(self, path: Located, ref: str, sha256: str, record: dict[str, Any]) -> str:
         target = S3Location(self.bucket, f"{self.prefix}{sha256[:16]}-{path.name}")
         if not self._verified(target, sha256):
             with self._moved_meanwhile(target, sha256):
@@ -102,11 +105,12 @@ class S3Quarantine:
         return target.ref
 
     def _upload(
-        self, path: Path, target: S3Location, sha256: str, record: dict[str, Any], ref: str
+        self, path: Located, target: S3Location, sha256: str, record: dict[str, Any], ref: str
     ) -> None:
         try:
-            data = path.read_bytes()
-        except FileNotFoundError as exc:
+            with path.open() as handle:
+                data = handle.read()
+        except ObjectNotFound as exc:
             raise ObjectNotFound(
                 f"{ref} is gone and no verified copy exists in quarantine"
             ) from exc
