@@ -15,8 +15,10 @@ is checked again; at most ``max_redirects`` are followed.
 
 Status mapping: 404 and 410 → ``ObjectNotFound``; 401, 403, 407 and 451 → ``ForbiddenReference``;
 408, 425, 429 and 5xx → ``StorageUnavailable`` (retryable), as are timeouts and connection
-errors; any other 4xx, and redirects without a usable Location, → ``InvalidReference`` (the
-request as written cannot succeed, and retrying will not change that).
+errors; any other 4xx, a redirect whose Location is missing, empty, repeated or not a URL
+(``http://[::1``, a bad port, control characters), and a status line or header the HTTP
+parser refuses → ``InvalidReference`` (the request as written cannot succeed, and retrying
+will not change that).
 
 Bodies are read raw with ``Accept-Encoding: identity`` and a byte cap (Content-Length first,
 then while streaming). A server that compresses anyway is refused: decoding gzip on the fly
