@@ -157,7 +157,11 @@ class Relay(_Listener):
         self._listen()
 
     def _serve(self, conn: socket.socket, record: _Record) -> None:
-        up = socket.create_connection(("127.0.0.1", self.upstream), timeout=10.0)
+        try:
+            up = socket.create_connection(("127.0.0.1", self.upstream), timeout=10.0)
+        except OSError:
+            conn.close()
+            return
         threading.Thread(target=self._up, args=(conn, up), daemon=True).start()
         try:
             while data := up.recv(65536):
