@@ -271,3 +271,12 @@ def test_a_webhook_redirect_is_refused_for_good_whatever_its_location(
         publisher.publish(f"https://hooks.test:{server.port}/hook", _result())
     publisher.close()
     assert len(server.requests) == 1  # not retried
+
+
+@pytest.mark.parametrize("port", [0, 65536, 99999])
+def test_a_webhook_port_out_of_range_is_refused_for_good(port: int) -> None:
+    guard = NetworkGuard(("127.0.0.1/32",), resolver=lambda host, port: [NAMES[host]])
+    publisher = WebhookPublisher(guard, "secret", retries=3)
+    with pytest.raises(InvalidCallback, match="port"):
+        publisher.publish(f"https://hooks.test:{port}/hook", _result())
+    publisher.close()

@@ -121,6 +121,8 @@ class _Target:
             raise InvalidCallback("webhook URL names no host")
         if url.userinfo:
             raise InvalidCallback("webhook URLs may not carry credentials; the signature is auth")
+        if url.port is not None and not 0 < url.port < 65536:
+            raise InvalidCallback(f"webhook URL port {url.port} is out of range")
         host = url.raw_host.decode("ascii")
         return cls(url.copy_with(fragment=None), host, url.port or 443, url.netloc.decode("ascii"))
 
