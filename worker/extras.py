@@ -22,14 +22,13 @@ class Extras:
     heatmaps: ReviewHeatmaps | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings, backend: Backend, bank_url: str | None) -> Extras:
-        """``bank_url``: the Redis of the hash banks, or None for no banks."""
+    def from_settings(cls, settings: Settings, backend: Backend) -> Extras:
         tap = None
         if settings.embedding_sink:
             from worker.embeddings import open_sink
 
             tap = EmbeddingTap(open_sink(settings.embedding_sink, settings))
-        banks = BankGate.from_settings(settings, bank_url) if bank_url else None
+        banks = BankGate.from_settings(settings)
         heatmaps = None
         if settings.review_heatmaps_uri:
             heatmaps = ReviewHeatmaps.from_settings(settings, settings.review_heatmaps_uri, backend)

@@ -127,7 +127,9 @@ def run_scan(
     options = PipelineOptions.from_settings(settings, embed=embed)
     cache = SQLiteCache(settings.verdict_db, settings.perceptual_radius) if use_cache else None
     quarantine = LocalQuarantine(quarantine_to, store) if quarantine_to else None
-    extras = Extras.from_settings(settings, backend, settings.bank_url)
+    extras = Extras.from_settings(settings, backend)
+    if extras.banks is not None:
+        extras.banks.probe()  # banks that must be read and cannot be: refuse to scan at all
     summary = ScanSummary(model=backend.describe())
     # Enough threads to fill a batch while one runs, bounded by the cores: each thread holds
     # its decoded frames until its batch returns.

@@ -1,26 +1,38 @@
 """One moderation request, start to finish, with the delivery rules of queue mode.
 
-    request ─▶ stored result? ──yes─────────────────────┐ (a re-delivery)
-                  │ no                                   ▼
-                  └─▶ pipeline ─▶ retry? ─▶ store once ─▶ quarantine ─▶ publish ─▶ done
-                                                                          │ error result or
-                                                                          ▼ undeliverable
-                                                                     dead letter
+    request ─▶ stored final result? ─yes──────────────────────────────┐ (a re-delivery)
+                  │ no                                                 ▼
+                  └─▶ lease (wait while another delivery holds it) ─▶ count the delivery
+                        ─▶ too many? ─yes─▶ too_many_deliveries ─┐
+                              │ no                               ▼
+                              └─▶ pipeline ─▶ retry? ─▶ store once ─▶ quarantine ─▶ publish
+                                                                        │ error result or
+                                                                        ▼ undeliverable
+                                                                   dead letter
 
-The verdict is stored (first writer wins) before the source is touched and before anything
-is published, so a re-delivered request publishes the same result and repeats no work: the
-quarantine action runs again, and being idempotent it only finishes what a crash cut short
-(a source already moved is found in quarantine, not reported missing). Knows nothing of
-Celery: the task maps ``RetryableError`` to a retry and returns (acks) only after
+Only the holder of a request's lease (``worker.cache.leases``) fetches, classifies and acts;
+another delivery of the same request waits, then publishes the holder's stored result, so
+overlapping deliveries publish one result and take one action. The verdict is stored (first
+writer wins) before the source is touched and before anything is published; a delivery that
+takes over from a dead holder finds it and finishes the quarantine action, idempotently.
+
+Deliveries that start work are counted; a count that survives its delivery means the process
+died holding the request. A request with such a history runs alone in this process (so a
+crash it causes counts against it, not against its neighbours), and once its count passes
+``max_deliveries`` it is answered with ``too_many_deliveries`` before any work. Knows nothing
+of Celery: the task maps ``RetryableError`` to a retry and returns (acks) only after
 ``handle`` has published.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from worker import metrics
+from worker.cache.leases import LeaseKeeper
 from worker.cache.results import ResultStore
 from worker.callbacks import Publisher
 from worker.errors import (
@@ -29,13 +41,14 @@ from worker.errors import (
     InvalidRequest,
     PermanentError,
     RetryableError,
+    TooManyDeliveries,
 )
 from worker.log import get_logger
 from worker.messages import ErrorInfo, ModerationRequest, ModerationResult, Status
 from worker.pipeline import Pipeline
 from worker.policy import Policy
 
-__all__ = ["Handled", "ModerationService", "TransientFailure"]
+__all__ = ["DeliveryRules", "Handled", "LeaseBusy", "ModerationService", "TransientFailure"]
 
 log = get_logger(__name__)
 
@@ -48,6 +61,21 @@ class TransientFailure(RetryableError):
     def __init__(self, error: ErrorInfo) -> None:
         super().__init__(f"{error.code}: {error.message}")
         self.error = error
+
+
+class LeaseBusy(RetryableError):
+    """Another delivery of the request has held its lease for longer than a delivery waits."""
+
+    code = "lease_busy"
+
+
+@dataclass(frozen=True)
+class DeliveryRules:
+    #: deliveries whose process died holding the request before it is answered with an error
+    max_deliveries: int = 3
+    #: how long a delivery waits for another one holding the request's lease
+    lease_wait_s: float = 300.0
+    lease_poll_s: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -67,27 +95,95 @@ class ModerationService:
         results: ResultStore | None,
         policies: dict[str, Policy],
         default_callback: str | None = None,
+        leases: LeaseKeeper | None = None,
+        rules: DeliveryRules | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.publisher = publisher
         self.results = results
         self.policies = policies
         self.default_callback = default_callback
+        self.leases = leases
+        self.rules = rules or DeliveryRules()
+        #: requests whose earlier deliveries died with their process run one at a time
+        self._suspects = threading.Lock()
 
     def handle(self, request: ModerationRequest, *, may_retry: bool) -> Handled:
         """Moderate ``request`` and publish its one result. Raises ``RetryableError`` when a
         retry may still help and ``may_retry``; otherwise every outcome is published."""
-        stored = self._stored(request.request_id)
+        turn = self._wait_for_turn(request.request_id)
+        if isinstance(turn, ModerationResult):
+            log.info("re-delivery: publishing the stored result", request_id=request.request_id)
+            return self._publish(request, turn, may_retry, republished=True)
+        token, standing = turn
+        try:
+            if standing:
+                # An earlier delivery died holding this request: run it alone, so that if it
+                # kills this process too, the requests beside it are not blamed.
+                with self._suspects:
+                    return self._handle_leased(request, may_retry, leased=token is not None)
+            return self._handle_leased(request, may_retry, leased=token is not None)
+        finally:
+            self._release(request.request_id, token)
+
+    def _wait_for_turn(self, request_id: str) -> ModerationResult | tuple[str | None, int]:
+        """The final stored result, or this delivery's turn: ``(lease token, standing
+        delivery count)``, the token ``None`` when leases cannot be kept."""
+        deadline = time.monotonic() + self.rules.lease_wait_s
+        while True:
+            stored = self._stored(request_id)
+            if stored is not None and not self.pipeline.action_pending(stored):
+                return stored
+            if self.leases is None:
+                return None, 0
+            try:
+                taken = self.leases.acquire(request_id)
+            except CacheUnavailable as exc:
+                log.warning("lease store unavailable", request_id=request_id, error=str(exc))
+                return None, 0
+            if taken is not None:
+                return taken
+            if time.monotonic() > deadline:
+                raise LeaseBusy(
+                    f"another delivery of {request_id} has worked on it for over "
+                    f"{self.rules.lease_wait_s:g} s"
+                )
+            time.sleep(self.rules.lease_poll_s)
+
+    def _release(self, request_id: str, token: str | None) -> None:
+        if self.leases is None or token is None:
+            return
+        try:
+            self.leases.release(request_id, token)
+        except CacheUnavailable as exc:
+            # The lease expires by itself; a standing count costs at most one needless wait.
+            log.warning("lease not released", request_id=request_id, error=str(exc))
+
+    def _handle_leased(
+        self, request: ModerationRequest, may_retry: bool, *, leased: bool
+    ) -> Handled:
+        stored = self._stored(request.request_id)  # a dead holder may have stored it
         republished = stored is not None
         if stored is None:
+            count = self._count_delivery(request.request_id) if leased else 0
+            if count > self.rules.max_deliveries:
+                return self.fail(request, _too_many(request.request_id, count - 1))
             assessed = self._moderate(request)
             if assessed.error is not None and assessed.error.retryable and may_retry:
                 raise TransientFailure(assessed.error)
             stored = self._store(assessed, may_retry)
         else:
-            log.info("re-delivery: publishing the stored result", request_id=request.request_id)
+            log.info("taking over from a delivery that died", request_id=request.request_id)
         result = self._act(stored, may_retry)
         return self._publish(request, result, may_retry, republished=republished)
+
+    def _count_delivery(self, request_id: str) -> int:
+        assert self.leases is not None
+        try:
+            return self.leases.store.begin(request_id)
+        except CacheUnavailable as exc:
+            log.warning("delivery not counted", request_id=request_id, error=str(exc))
+            return 0
 
     def _act(self, stored: ModerationResult, may_retry: bool) -> ModerationResult:
         """Take the verdict's quarantine action, unless a delivery before took it. Idempotent:
@@ -122,10 +218,24 @@ class ModerationService:
         return stored
 
     def fail(self, request: ModerationRequest, exc: PermanentError) -> Handled:
-        """Publish an error result for a request that cannot be moderated at all."""
+        """Publish an error result for a request that cannot be moderated at all: the last
+        word on it, so the record is best effort and only the publication must succeed."""
+        metrics.ERRORS.labels(exc.code).inc()
         result = error_result(request.request_id, request.image, exc.code, str(exc))
         result = result.model_copy(update={"metadata": request.metadata})
-        return self._publish(request, self._store(result, False), False, republished=False)
+        try:
+            stored = self._store(result, False)
+            if stored.status is Status.OK and self.pipeline.action_pending(stored):
+                # A verdict whose action never completed is not an answer: the error is.
+                if self.results is not None:
+                    self.results.replace(result.request_id, result.model_dump_json())
+                stored = result
+        except Exception as store_exc:
+            log.warning(
+                "error result not stored", request_id=request.request_id, error=repr(store_exc)
+            )
+            stored = result
+        return self._publish(request, stored, False, republished=False)
 
     def _moderate(self, request: ModerationRequest) -> ModerationResult:
         try:
@@ -200,6 +310,13 @@ class ModerationService:
             return Handled(result, exc.code, republished)
         metrics.PUBLISHED.labels(urlsplit(callback).scheme, result.status.value).inc()
         return Handled(result, dead_letter, republished)
+
+
+def _too_many(request_id: str, died: int) -> TooManyDeliveries:
+    return TooManyDeliveries(
+        f"{died} deliveries of {request_id} ended with their worker process dying before "
+        "they finished (out of memory or a crash); answered without running it again"
+    )
 
 
 def error_result(request_id: str, image: str, code: str, message: str) -> ModerationResult:

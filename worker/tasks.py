@@ -6,27 +6,30 @@ is after its result was published.
 from __future__ import annotations
 
 import random
-from typing import Any
+import time
+from typing import Any, NoReturn
 
-import redis
 import structlog
 from celery import Task, shared_task
-from celery.exceptions import Reject
+from celery.exceptions import Reject, Retry
 from celery.signals import task_revoked, worker_init, worker_shutdown
 from pydantic import ValidationError
 
 from worker import metrics
 from worker.celery_app import DEAD_LETTER_TASK, check_visibility_timeout
 from worker.config import Settings
-from worker.errors import InternalError, InvalidRequest, RetryableError
+from worker.errors import InternalError, InvalidRequest, PermanentError, RetryableError
 from worker.log import configure_logging, get_logger
 from worker.messages import ModerationRequest
 from worker.runtime import Runtime, close_runtime, current_runtime, get_runtime
 from worker.service import Handled, TransientFailure, error_result
 
-__all__ = ["backoff_seconds", "moderate"]
+__all__ = ["EXIT_UNREADY", "backoff_seconds", "exit_unready", "moderate"]
 
 log = get_logger(__name__)
+
+#: the exit status of a worker that cannot build its runtime (and so took no message)
+EXIT_UNREADY = 3
 
 
 def backoff_seconds(retries: int, cap: int) -> float:
@@ -40,35 +43,77 @@ def _settings(task: Task) -> Settings:
 
 
 def _runtime(task: Task) -> Runtime:
-    return get_runtime(_settings(task), task.app.send_task)
+    """This process's runtime. The worker builds it before it consumes (``worker_init``); a
+    task that finds none builds it, and when that fails the message goes back to the queue
+    rather than being acked with no answer."""
+    runtime = current_runtime()
+    if runtime is not None:
+        return runtime
+    try:
+        return get_runtime(_settings(task), task.app.send_task)
+    except Exception as exc:
+        log.error("cannot moderate: the runtime cannot be built", error=str(exc))
+        raise Reject(f"no runtime: {exc}", requeue=True) from exc
 
 
 @shared_task(bind=True, name="modq.moderate", max_retries=None)  # type: ignore[untyped-decorator]
 def moderate(self: Task, message: Any) -> dict[str, Any]:
     runtime = _runtime(self)
+    try:
+        return _moderate(self, runtime, message)
+    except (Retry, Reject):
+        raise
+    except Exception as exc:
+        # Whatever escaped the steps below (a dead-letter send on a lost broker, a failing
+        # error publication) must not ack the message without an answer: retry it, and with
+        # no retries left put it back on the queue.
+        log.exception("unexpected error outside the service", attempt=self.request.retries + 1)
+        if self.request.retries < runtime.settings.max_retries:
+            raise _retry(self, runtime.settings, InternalError.code, exc) from exc
+        return _answer_at_last(self, runtime, message, exc)
+
+
+def _answer_at_last(task: Task, runtime: Runtime, message: Any, exc: Exception) -> dict[str, Any]:
+    """Retries ran out on a failure nothing handled: answer ``internal`` from the message as
+    it came; if even that cannot be published, the message goes back to the queue (after a
+    backoff's pause, so a broken callback does not spin)."""
+    try:
+        return _answer_raw(task, runtime, message, InternalError(f"internal error: {exc!r}"))
+    except Exception as again:
+        log.error("no answer could be published; requeueing", error=repr(again))
+        time.sleep(backoff_seconds(task.request.retries, runtime.settings.retry_backoff_max_s))
+        raise Reject(f"unanswered: {again!r}", requeue=True) from again
+
+
+def _moderate(task: Task, runtime: Runtime, message: Any) -> dict[str, Any]:
     settings = runtime.settings
     try:
         request = ModerationRequest.model_validate(message)
     except ValidationError as exc:
-        return _reject_invalid(self, runtime, message, exc)
+        return _reject_invalid(task, runtime, message, exc)
     with structlog.contextvars.bound_contextvars(
-        request_id=request.request_id, model=settings.model, task_id=self.request.id
+        request_id=request.request_id, model=settings.model, task_id=task.request.id
     ):
-        may_retry = self.request.retries < settings.max_retries
+        may_retry = task.request.retries < settings.max_retries
         try:
             handled = runtime.service.handle(request, may_retry=may_retry)
         except RetryableError as exc:
             code = exc.error.code if isinstance(exc, TransientFailure) else exc.code
-            raise _retry(self, settings, code, exc) from exc
+            raise _retry(task, settings, code, exc) from exc
         except Exception as exc:
             # A bug must not ack a message without an answer: retry it like a transient
             # failure, and when retries run out publish an ``internal`` error result.
-            log.exception("unexpected error", attempt=self.request.retries + 1)
+            log.exception("unexpected error", attempt=task.request.retries + 1)
             if may_retry:
-                raise _retry(self, settings, InternalError.code, exc) from exc
+                raise _retry(task, settings, InternalError.code, exc) from exc
             handled = runtime.service.fail(request, InternalError(f"internal error: {exc!r}"))
-        _dead_letter(self, settings, message, handled)
-        _forget(runtime, self.request.id)
+        try:
+            _dead_letter(task, settings, message, handled)
+        except Exception as exc:
+            if may_retry:  # the re-delivery re-publishes the stored result, then dead-letters
+                raise _retry(task, settings, "dead_letter_failed", exc) from exc
+            log.error("dead letter lost; the result was published", error=repr(exc))
+        _forget(runtime, task.request.id)
         result = handled.result
         log.info(
             "published",
@@ -110,15 +155,22 @@ def _retry(task: Task, settings: Settings, code: str, exc: Exception) -> Excepti
 def _reject_invalid(
     task: Task, runtime: Runtime, message: Any, exc: ValidationError
 ) -> dict[str, Any]:
-    """A message that is not a valid request still gets an answer where one can be given:
-    an error result at its callback when the callback itself is valid, and the dead letter."""
     error = InvalidRequest(
         f"invalid request: {exc.error_count()} problem(s): {exc.errors()[0]['msg']}"
     )
+    return _answer_raw(task, runtime, message, error)
+
+
+def _answer_raw(
+    task: Task, runtime: Runtime, message: Any, error: PermanentError
+) -> dict[str, Any]:
+    """A message that cannot be handled as a request still gets an answer where one can be
+    given: an error result at its callback when the callback itself is valid, and the dead
+    letter."""
     fields = message if isinstance(message, dict) else {}
     request_id = str(fields.get("request_id") or task.request.id)[:128]
     image = str(fields.get("image", ""))[:4096]
-    log.warning("invalid request", request_id=request_id, error=str(error))
+    log.warning("answering with an error", request_id=request_id, error=str(error))
     metrics.ERRORS.labels(error.code).inc()
     handled = Handled(error_result(request_id, image, error.code, str(error)), error.code)
     callback = fields.get("callback")
@@ -155,8 +207,8 @@ def _tend_record(runtime: Runtime, verb: str, task_id: str) -> None:
         return
     try:
         getattr(runtime.pending, verb)(task_id)
-    except redis.RedisError as exc:
-        log.warning("pending-request record not updated", verb=verb, error=str(exc))
+    except Exception as exc:  # the result is out; at worst the sweep re-sends it once more
+        log.warning("pending-request record not updated", verb=verb, error=repr(exc))
 
 
 def _dead_letter(task: Task, settings: Settings, message: Any, handled: Handled) -> None:
@@ -178,19 +230,34 @@ def _dead_letter(task: Task, settings: Settings, message: Any, handled: Handled)
 
 @worker_init.connect  # type: ignore[untyped-decorator]
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
-    """Before the first message: refuse a risky visibility timeout, start the metrics
-    endpoint, load the model (once for this process)."""
+    """Before the consumer starts: refuse a risky visibility timeout, build the whole runtime
+    (model, policies, stores, cache, banks, quarantine, publishers), start the metrics
+    endpoint. A worker that cannot moderate exits here, having taken no message."""
     app = sender.app if sender is not None and hasattr(sender, "app") else None
     settings = getattr(app.conf, "modq_settings", None) if app is not None else None
     settings = settings if isinstance(settings, Settings) else Settings()
     configure_logging(settings.log_level, json=True)
-    check_visibility_timeout(settings)
+    if app is None:
+        return
+    try:
+        check_visibility_timeout(settings)
+        runtime = get_runtime(settings, app.send_task)
+    except Exception as exc:
+        # Celery logs and swallows exceptions from signal handlers, then consumes anyway:
+        # only leaving the process keeps the messages on the queue.
+        exit_unready(exc)
     if settings.metrics_port:
         from prometheus_client import start_http_server
 
         start_http_server(settings.metrics_port)
-    if app is not None:
-        get_runtime(settings, app.send_task).start_sweeper(app.send_task)
+    runtime.start_sweeper(app.send_task)
+
+
+def exit_unready(exc: Exception) -> NoReturn:
+    """One clear error line, then exit non-zero: the worker takes no message."""
+    log.error("worker cannot start", error=str(exc), code=getattr(exc, "code", "internal"))
+    close_runtime()
+    raise SystemExit(EXIT_UNREADY)
 
 
 @task_revoked.connect  # type: ignore[untyped-decorator]

@@ -61,7 +61,15 @@ class WorkerProcess:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        self._wait_ready(timeout)
+        try:
+            self._wait_ready(timeout)
+        except (RuntimeError, TimeoutError):
+            if self.process.poll() is None:  # not ready in time: do not leave it running
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+            self._log.close()
+            self.process = None
+            raise
         return self
 
     def _wait_ready(self, timeout: float) -> None:

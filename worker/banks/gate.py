@@ -1,12 +1,15 @@
 """The pipeline's bank check: whether an image must be matched, and the match.
 
-Two rules decide what happens when the bank Redis cannot be read:
+Every front end and ``modq bank`` find the banks the same way: on ``MODQ_BANK_URL``, else on
+the verdict cache's Redis (``MODQ_CACHE_URL``). Two rules decide what happens when that Redis
+cannot be read:
 
-- once this process has seen an enabled bank, a failed read raises ``BankUnavailable``
-  (retryable): the image waits for the banks rather than being scored without them;
-- a process that has never seen an enabled bank (none configured, or Redis unreachable
-  since it started) classifies without banks, as it does without the verdict cache, so a
-  deployment that uses no banks keeps working when that Redis is down.
+- when ``MODQ_BANK_URL`` is set (``required``), or once this process has seen an enabled
+  bank, a failed read raises ``BankUnavailable`` (retryable): the image waits for the banks
+  (or, in ``modq scan``, gets an error result), never an answer without them;
+- a process on the fallback that has never seen an enabled bank (no banks in use, or that
+  Redis unreachable since it started) classifies without banks, as it does without the
+  verdict cache, so a deployment that uses no banks keeps working when that Redis is down.
 
 The list of enabled banks is read at most every ``refresh_s`` seconds: a bank added or
 disabled takes effect within that time. Images whose PDQ quality is under the gate (flat,
@@ -22,7 +25,7 @@ from collections.abc import Callable
 from worker.banks.base import BankMatch, BankStore
 from worker.banks.pdq import PDQ_MAX_DISTANCE, PDQ_QUALITY_MIN, PdqHash
 from worker.config import Settings
-from worker.errors import BankUnavailable
+from worker.errors import BankUnavailable, ConfigError
 from worker.log import get_logger
 
 __all__ = ["BankGate"]
@@ -38,8 +41,11 @@ class BankGate:
         quality_min: int = PDQ_QUALITY_MIN,
         refresh_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        required: bool = False,
     ) -> None:
         self.store = store
+        self.required = required
         self.max_distance = max_distance
         self.quality_min = quality_min
         self.refresh_s = refresh_s
@@ -50,14 +56,19 @@ class BankGate:
         self._ever_enabled = False
 
     @classmethod
-    def from_settings(cls, settings: Settings, url: str) -> BankGate:
-        """The gate over the banks on the Redis at ``url``, with the settings' limits."""
+    def from_settings(cls, settings: Settings) -> BankGate | None:
+        """The gate over the banks ``modq bank`` writes to (``MODQ_BANK_URL``, else
+        ``MODQ_CACHE_URL``), with the settings' limits; ``None`` when both are empty."""
         from worker.banks.redis import RedisBankStore
 
+        url = settings.banks_redis_url
+        if not url:
+            return None
         return cls(
             RedisBankStore(url, settings.cache_prefix),
             settings.bank_max_distance,
             settings.bank_quality_min,
+            required=settings.bank_url is not None,
         )
 
     def active(self) -> bool:
@@ -70,7 +81,7 @@ class BankGate:
                 banks = self.store.banks()
             except BankUnavailable as exc:
                 self._read_at = now  # back off: an unreachable Redis is not asked per image
-                if self._ever_enabled:
+                if self.required or self._ever_enabled:
                     raise
                 log.warning("hash banks unreadable; none seen yet, classifying", error=str(exc))
                 return False
@@ -78,6 +89,14 @@ class BankGate:
             self._read_at = now
             self._ever_enabled = self._ever_enabled or bool(self._enabled)
             return bool(self._enabled)
+
+    def probe(self) -> None:
+        """Read the list of banks now, before any image: a store that must be read and cannot
+        be is a deployment that cannot moderate as configured."""
+        try:
+            self.active()
+        except BankUnavailable as exc:
+            raise ConfigError(f"the hash banks at MODQ_BANK_URL cannot be read: {exc}") from exc
 
     def check(self, pdq: PdqHash) -> BankMatch | None:
         if pdq.quality < self.quality_min:

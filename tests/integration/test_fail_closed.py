@@ -1,0 +1,344 @@
+"""Fail closed, with real worker processes: a worker that cannot build its runtime exits
+non-zero having taken no message; a failure injected at any stage of a delivery ends in a
+published result or a requeue, never an ack with nothing; a request whose deliveries keep
+killing the worker is answered ``too_many_deliveries`` and dead-lettered, while the requests
+delivered beside it get their verdicts."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+from PIL import Image
+
+from tests.conftest import Observe
+from tests.integration.conftest import WorkerFactory
+from tests.integration.faults import wait_until
+from tests.support.receivers import STREAM, Collector, drain
+from tests.support.worker_process import ROOT, WorkerProcess, free_port
+from worker.client import Client
+from worker.config import Settings
+from worker.messages import Status
+
+pytestmark = [pytest.mark.integration, pytest.mark.reliability]
+
+CALLBACK = f"redis-stream://{STREAM}"
+FAULT_WORKER = (sys.executable, "-m", "tests.support.fault_worker")
+
+
+def _jpeg(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def _images(folder: Path, count: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = folder / f"{i}.jpg"
+        path.write_bytes(_jpeg(100 + i))
+        paths.append(path)
+    return paths
+
+
+def _send(broker_url: str, requests: list[tuple[str, str]]) -> None:
+    with Client(Settings(broker_url=broker_url)) as client:
+        for request_id, ref in requests:
+            client.submit(ref, request_id=request_id, callback=CALLBACK)
+
+
+def _queued(broker_url: str, queue: str = "modq") -> tuple[int, int]:
+    """(messages waiting on ``queue``, messages unacked by some worker)"""
+    client = redis.Redis.from_url(broker_url)
+    try:
+        return int(client.llen(queue)), int(client.hlen("unacked"))
+    finally:
+        client.close()
+
+
+# --- the runtime is built before the consumer starts ------------------------------------------
+
+
+def _unbuildable(tmp_path: Path) -> list[tuple[str, dict[str, str]]]:
+    empty = tmp_path / "no-weights"
+    empty.mkdir()
+    (empty / "config.json").write_text(json.dumps({"architecture": "vit_base_patch16_224"}))
+    return [
+        ("MODQ_MODEL", {"MODQ_MODEL": str(empty)}),
+        ("MODQ_MODEL", {"MODQ_MODEL": str(tmp_path / "missing-model")}),
+        ("MODQ_POLICY", {"MODQ_POLICY": str(tmp_path / "missing-policy.json")}),
+        ("MODQ_QUARANTINE_URI", {"MODQ_QUARANTINE_URI": "ftp://nowhere/blocked/"}),
+        ("MODQ_BANK_URL", {"MODQ_BANK_URL": f"redis://127.0.0.1:{free_port()}/0"}),
+    ]
+
+
+def test_a_worker_that_cannot_build_its_runtime_exits_without_taking_a_message(
+    start_worker: WorkerFactory, tmp_path: Path, observe: Observe
+) -> None:
+    [image] = _images(tmp_path / "images", 1)
+    _send(start_worker.broker_url, [("closed-1", image.as_uri())])
+    seen = []
+    for setting, env in _unbuildable(tmp_path):
+        worker = WorkerProcess(
+            {
+                "MODQ_BROKER_URL": start_worker.broker_url,
+                "MODQ_CACHE_URL": start_worker.cache_url,
+                "MODQ_ALLOWED_ROOTS": str(image.parent),
+                "MODQ_CACHE_DIR": str(tmp_path / "modq-cache"),
+                **env,
+            },
+            tmp_path / f"unbuildable-{len(seen)}.log",
+        )
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match="worker exited with 3"):
+            worker.start(timeout=120)
+        took = time.monotonic() - started
+        log = worker.log()
+        errors = [line for line in log.splitlines() if '"worker cannot start"' in line]
+        assert len(errors) == 1, f"one clear error line, naming the setting:\n{log}"
+        assert setting in errors[0], errors[0]
+        assert "ready." not in log, "a worker that cannot moderate must never say ready"
+        assert _queued(start_worker.broker_url) == (1, 0), "the message was taken"
+        seen.append(f"{setting} ({json.loads(errors[0])['error'][:60]}…) exit 3 in {took:.1f} s")
+    collector = Collector(start_worker.broker_url)
+    start_worker({"MODQ_ALLOWED_ROOTS": str(image.parent)})
+    collector.wait_for(1, timeout=60)
+    [result] = collector.results["closed-1"]
+    assert result.status is Status.OK
+    observe(
+        "fault.unbuildable_runtime",
+        f"{len(seen)} misconfigured workers: "
+        + "; ".join(seen)
+        + "; each logged one error naming its setting and never said ready; the request "
+        "stayed on the queue (1 waiting, 0 unacked) and a correctly configured worker then "
+        f"answered it ({result.verdict.value if result.verdict else result.status.value})",
+        sent=1,
+        received=1,
+    )
+
+
+def test_celery_own_command_line_fails_closed_too(
+    start_worker: WorkerFactory, tmp_path: Path
+) -> None:
+    """`celery -A worker.celery_app worker` (Flower users' habit) builds the runtime in the
+    same place and exits the same way."""
+    env = {
+        "MODQ_BROKER_URL": start_worker.broker_url,
+        "MODQ_CACHE_URL": start_worker.cache_url,
+        "MODQ_MODEL": str(tmp_path / "missing-model"),
+        "MODQ_METRICS_PORT": "0",
+        "PATH": str(Path(sys.executable).parent),
+    }
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("celery")), "-A", "worker.celery_app", "worker",
+         "--pool=threads", "--without-gossip", "--without-mingle"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert "MODQ_MODEL" in done.stderr and "ready." not in done.stderr
+
+
+# --- a failure at any stage ends in a result or a requeue ------------------------------------
+
+STAGES = ("validate", "stored", "assess", "store", "act", "publish", "dead-letter", "forget")
+
+
+def _fault_env(
+    root: Path, quarantine: Path, policy: Path, faults: dict[str, object]
+) -> dict[str, str]:
+    return {
+        "MODQ_ALLOWED_ROOTS": str(root),
+        "MODQ_QUARANTINE_URI": quarantine.as_uri(),
+        "MODQ_POLICY": str(policy),
+        "MODQ_RETRY_BACKOFF_MAX_S": "1",
+        "MODQ_TEST_FAULTS": json.dumps(faults),
+    }
+
+
+def _block_policy(folder: Path) -> Path:
+    path = folder / "block-all.json"
+    path.write_text(json.dumps({"name": "block-all", "review_at": 0.0, "block_at": 0.0}))
+    return path
+
+
+def _stage_requests(root: Path) -> list[tuple[str, str]]:
+    images = _images(root, len(STAGES))
+    requests = []
+    for stage, image in zip(STAGES, images, strict=True):
+        # The dead letter follows error results only: that stage's request names no file.
+        ref = (root / "missing.jpg").as_uri() if stage == "dead-letter" else image.as_uri()
+        requests.append((f"fault-{stage}", ref))
+    return requests
+
+
+def test_a_failure_at_any_stage_is_retried_to_a_published_result(
+    start_worker: WorkerFactory, tmp_path: Path, observe: Observe
+) -> None:
+    root = tmp_path / "uploads"
+    requests = _stage_requests(root)
+    env = _fault_env(root, tmp_path / "quarantine", _block_policy(tmp_path), {
+        "raise": dict.fromkeys(STAGES, 1)
+    })  # fmt: skip
+    worker = start_worker(env, launcher=FAULT_WORKER)
+    collector = Collector(start_worker.broker_url)
+    _send(start_worker.broker_url, [*requests, ("plain-1", requests[0][1])])
+    wait_until(
+        lambda: collector.poll() or len(collector.results) == len(requests) + 1,
+        timeout=120,
+        what="every request answered",
+    )
+    time.sleep(1.0)
+    collector.poll()
+    log = worker.log()
+    outcomes = []
+    for stage in STAGES:
+        assert f"fault: raising at {stage} for fault-{stage}" in log, f"{stage} never fired"
+        copies = collector.results[f"fault-{stage}"]
+        assert len({c.model_dump_json() for c in copies}) == 1, f"{stage}: copies differ"
+        first = copies[0]
+        want = "not_found" if stage == "dead-letter" else "block"
+        got = first.error.code if first.error else (first.verdict.value if first.verdict else "")
+        assert got == want, f"{stage}: {got}"
+        outcomes.append(f"{stage} → {got} ({len(copies)} identical)")
+    assert _queued(start_worker.broker_url) == (0, 0)
+    dead = drain(start_worker.broker_url, "modq.dead")
+    assert [d[0][0]["request"]["request_id"] for d in dead].count("fault-dead-letter") >= 1
+    observe(
+        "fault.stage_raises",
+        "one worker, each stage raising once for its own request, then passing: "
+        + ", ".join(outcomes)
+        + "; a plain request beside them answered; 0 messages left on the queue or unacked",
+        sent=len(requests) + 1,
+        received=len(collector.results),
+        duplicates=collector.count - len(collector.results),
+    )
+
+
+def test_a_failure_that_never_clears_is_published_as_an_error_or_kept(
+    start_worker: WorkerFactory, tmp_path: Path, observe: Observe
+) -> None:
+    root = tmp_path / "uploads"
+    requests = _stage_requests(root)
+    env = _fault_env(root, tmp_path / "quarantine", _block_policy(tmp_path), {
+        "raise": dict.fromkeys(STAGES, -1)
+    })  # fmt: skip
+    env["MODQ_MAX_RETRIES"] = "1"
+    worker = start_worker(env, launcher=FAULT_WORKER)
+    collector = Collector(start_worker.broker_url)
+    _send(start_worker.broker_url, requests)
+    # Every stage but publishing can still get an answer out: an error result.
+    answerable = [r for r, _ in requests if r != "fault-publish"]
+    wait_until(
+        lambda: collector.poll() or all(r in collector.results for r in answerable),
+        timeout=120,
+        what="an answer for every request that can be answered",
+    )
+    time.sleep(3.0)  # the publish fault's retries and requeues run meanwhile
+    collector.poll()
+    # Forgetting the producers' record is best effort once the result is out; a failing
+    # dead-letter send leaves the error result published.
+    expected = dict.fromkeys(answerable, "internal") | {
+        "fault-dead-letter": "not_found",
+        "fault-forget": "block",
+    }
+    outcomes = []
+    for request_id in answerable:
+        copies = collector.results[request_id]
+        assert len({c.model_dump_json() for c in copies}) == 1, f"{request_id}: copies differ"
+        first = copies[0]
+        got = first.error.code if first.error else (first.verdict.value if first.verdict else "")
+        outcomes.append(f"{request_id.removeprefix('fault-')} → {got}")
+        assert got == expected[request_id], f"{request_id}: {got}"
+    assert "fault-publish" not in collector.results
+    waiting, unacked = _queued(start_worker.broker_url)
+    assert waiting + unacked >= 1 or "fault: raising at publish" in worker.log()
+    # The unanswerable message is never acked: stop the worker and find it again.
+    assert worker.stop() == 0
+    waiting, unacked = _queued(start_worker.broker_url)
+    assert waiting + unacked == 1, (waiting, unacked)
+    observe(
+        "fault.stage_raises_always",
+        "each stage raising every time for its own request, with MODQ_MAX_RETRIES=1: "
+        + ", ".join(outcomes)
+        + "; the request whose every publication fails got no result and was never acked "
+        f"(after the worker stopped: {waiting} waiting, {unacked} unacked)",
+        sent=len(requests),
+        received=len(collector.results),
+    )
+
+
+# --- poison messages ----------------------------------------------------------------------
+
+# Quick redelivery: a dead worker's message is visible again after 6 s, and kombu looks
+# for such messages every second; a dead holder's lease frees after 2 s.
+POISON_ENV = {
+    "MODQ_TASK_TIME_LIMIT_S": "4",
+    "MODQ_RETRY_BACKOFF_MAX_S": "1",
+    "MODQ_VISIBILITY_TIMEOUT_S": "6",
+    "MODQ_LEASE_TTL_S": "2",
+    "MODQ_PENDING_SWEEP_S": "0",
+    "MODQ_MAX_WAIT_MS": "300",
+    "MODQ_BROKER_TRANSPORT_OPTIONS": json.dumps(
+        {"unacked_restore_interval": 1, "unacked_restore_throttle": 1}
+    ),
+    "MODQ_TEST_FAULTS": json.dumps({"kill": ["assess"]}),
+}
+
+
+def test_a_message_that_kills_its_worker_is_answered_and_dead_lettered(
+    start_worker: WorkerFactory, tmp_path: Path, observe: Observe
+) -> None:
+    root = tmp_path / "uploads"
+    images = _images(root, 9)
+    poison = ("poison-1", images[0].as_uri())
+    neighbours = [(f"beside-{i}", image.as_uri()) for i, image in enumerate(images[1:])]
+    env = {**POISON_ENV, "MODQ_ALLOWED_ROOTS": str(root)}
+    collector = Collector(start_worker.broker_url)
+    _send(start_worker.broker_url, [poison, *neighbours])
+    deaths = 0
+    started = time.monotonic()
+    while "poison-1" not in collector.results:
+        assert deaths <= 6, f"the poison message killed {deaths} workers and was never answered"
+        worker = start_worker(env, launcher=FAULT_WORKER)
+        assert worker.process is not None
+        while worker.running and "poison-1" not in collector.results:
+            collector.poll()
+            assert time.monotonic() - started < 240, "timed out"
+        if not worker.running:
+            deaths += 1
+            worker.wait(10)
+    wait_until(
+        lambda: collector.poll() or len(collector.results) == len(neighbours) + 1,
+        timeout=60,
+        what="every neighbour answered",
+    )
+    [answer] = collector.results["poison-1"]
+    assert answer.error is not None and answer.error.code == "too_many_deliveries"
+    assert not answer.error.retryable
+    assert deaths == 3, f"{deaths} workers died; MODQ_MAX_DELIVERIES is 3"
+    verdicts = {r: collector.results[r][0] for r, _ in neighbours}
+    assert all(v.status is Status.OK for v in verdicts.values()), verdicts
+    dead = drain(start_worker.broker_url, "modq.dead")
+    reasons = {d[0][0]["request"]["request_id"]: d[0][0]["reason"] for d in dead}
+    assert reasons == {"poison-1": "too_many_deliveries"}
+    observe(
+        "fault.poison",
+        f"a request whose processing SIGKILLs its worker, sent with {len(neighbours)} others "
+        f"(batches wait 300 ms, so they share the poison's batches): {deaths} workers died, "
+        f"then the 4th delivery answered `too_many_deliveries` before any work and "
+        f"dead-lettered it; {len(verdicts)}/{len(neighbours)} neighbours got verdicts "
+        f"({sum(len(collector.results[r]) for r in verdicts) - len(verdicts)} re-publications); "
+        f"took {time.monotonic() - started:.0f} s",
+        sent=len(neighbours) + 1,
+        received=len(collector.results),
+    )

@@ -1,0 +1,299 @@
+"""Overlapping deliveries of one request and requests that kill their worker, with the real
+open_nsfw pipeline and the in-package fakes: the lease lets one delivery work and the others
+re-publish its result; a delivery count left standing by dead processes ends in
+``too_many_deliveries`` before any work."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from worker.cache import MemoryResultStore
+from worker.cache.leases import LeaseKeeper, MemoryLeases
+from worker.callbacks import MemoryPublisher
+from worker.errors import StorageUnavailable
+from worker.messages import ModerationRequest, Status, Verdict
+from worker.models.backend import Backend
+from worker.models.factory import create_backend
+from worker.pipeline import Pipeline, PipelineOptions
+from worker.policy import Policy
+from worker.quarantine import LocalQuarantine
+from worker.service import DeliveryRules, LeaseBusy, ModerationService, TransientFailure
+from worker.storage import LocalStore, MemoryStore, file_ref
+
+BLOCK_ALL = Policy("block-all", 0.0, 0.0)
+ALLOW_ALL = Policy("allow-all", 1.0, 1.0)
+HOOK = "redis-stream://results"
+
+
+def _jpeg(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+class SlowStore(MemoryStore):
+    """Counts reads, and how many run at once; each read takes ``delay_s``."""
+
+    def __init__(self, objects: dict[str, bytes], delay_s: float = 0.2) -> None:
+        super().__init__(objects)
+        self.delay_s = delay_s
+        self.reads: list[str] = []
+        self.running = 0
+        self.most_at_once = 0
+        self.fail = False
+        self._lock = threading.Lock()
+
+    def read(self, ref: str, max_bytes: int) -> bytes:
+        with self._lock:
+            self.reads.append(ref)
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+        try:
+            time.sleep(self.delay_s)
+            if self.fail:
+                raise StorageUnavailable("S3 answered 503")
+            return super().read(ref, max_bytes)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+@pytest.fixture(scope="module")
+def backend() -> Backend:
+    return create_backend("opennsfw")
+
+
+@contextmanager
+def _service(
+    backend: Backend,
+    store: Any,
+    leases: MemoryLeases,
+    *,
+    ttl_s: float = 5.0,
+    rules: DeliveryRules | None = None,
+    **pipeline_kw: Any,
+) -> Iterator[ModerationService]:
+    pipeline = Pipeline(
+        backend, store, ALLOW_ALL, options=PipelineOptions(max_wait_ms=1), **pipeline_kw
+    )
+    keeper = LeaseKeeper(leases, ttl_s)
+    with pipeline:
+        yield ModerationService(
+            pipeline,
+            MemoryPublisher(),
+            MemoryResultStore(),
+            {"allow-all": ALLOW_ALL, "block-all": BLOCK_ALL},
+            leases=keeper,
+            rules=rules or DeliveryRules(lease_poll_s=0.01),
+        )
+    keeper.close()
+
+
+def _at_once(works: list[Callable[[], Any]]) -> list[Any]:
+    """Run each of ``works`` in a thread of its own, released together; results in order."""
+    barrier = threading.Barrier(len(works))
+    out: list[Any] = [None] * len(works)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            out[i] = works[i]()
+        except Exception as exc:
+            out[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(works))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return out
+
+
+def test_deliveries_at_once_fetch_once_and_publish_one_result(backend: Backend) -> None:
+    store = SlowStore({"s3://mem/a.jpg": _jpeg(1)})
+    with _service(backend, store, MemoryLeases()) as service:
+        request = ModerationRequest(request_id="r1", image="s3://mem/a.jpg", callback=HOOK)
+        handled = _at_once([lambda: service.handle(request, may_retry=True)] * 6)
+        publisher = service.publisher
+    assert all(not isinstance(h, Exception) for h in handled), handled
+    assert store.reads == ["s3://mem/a.jpg"], "only the lease holder may fetch"
+    results = {h.result.model_dump_json() for h in handled}
+    assert len(results) == 1, "every delivery publishes the one stored result"
+    assert sum(not h.republished for h in handled) == 1
+    assert isinstance(publisher, MemoryPublisher) and len(publisher.published) == 6
+
+
+def test_deliveries_at_once_move_a_blocked_upload_once(backend: Backend, tmp_path: Path) -> None:
+    """The class the lease closes: without it a second delivery reached the source after the
+    first had moved it and published ``not_found``."""
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    source = uploads / "a.jpg"
+    source.write_bytes(_jpeg(2))
+    local = LocalStore([uploads])
+    quarantine = LocalQuarantine(tmp_path / "quarantine", local)
+    with _service(backend, local, MemoryLeases(), quarantine=quarantine) as service:
+        request = ModerationRequest(
+            request_id="rb", image=file_ref(source), callback=HOOK, policy="block-all"
+        )
+        handled = _at_once([lambda: service.handle(request, may_retry=True)] * 5)
+    assert all(not isinstance(h, Exception) for h in handled), handled
+    assert {h.result.model_dump_json() for h in handled} == {handled[0].result.model_dump_json()}
+    result = handled[0].result
+    assert result.verdict is Verdict.BLOCK and result.action is not None
+    assert result.action.kind == "quarantine_move"
+    assert not source.exists()
+    copies = [p for p in (tmp_path / "quarantine").iterdir() if p.suffix != ".json"]
+    assert len(copies) == 1
+
+
+def test_a_dead_holders_lease_expires_and_the_next_delivery_takes_over(
+    backend: Backend,
+) -> None:
+    leases = MemoryLeases()
+    store = SlowStore({"s3://mem/a.jpg": _jpeg(1)}, delay_s=0)
+    assert leases.acquire("r2", "a-dead-worker", 0.5) == 0  # taken, then never renewed
+    with _service(backend, store, leases) as service:
+        started = time.monotonic()
+        handled = service.handle(
+            ModerationRequest(request_id="r2", image="s3://mem/a.jpg"), may_retry=True
+        )
+        waited = time.monotonic() - started
+    assert handled.result.status is Status.OK and not handled.republished
+    assert 0.4 < waited < 5, f"waited {waited:.2f} s for a lease of 0.5 s"
+
+
+def test_a_live_holder_is_waited_for_then_its_result_is_published(backend: Backend) -> None:
+    leases = MemoryLeases()
+    store = SlowStore({"s3://mem/a.jpg": _jpeg(1)}, delay_s=0)
+    with _service(backend, store, leases) as service:
+        request = ModerationRequest(request_id="r3", image="s3://mem/a.jpg")
+        holder = service.leases
+        assert holder is not None
+        taken = holder.acquire("r3")  # another delivery in this process holds it
+        assert taken is not None
+        done: list[Any] = []
+        waiter = threading.Thread(
+            target=lambda: done.append(service.handle(request, may_retry=True))
+        )
+        waiter.start()
+        time.sleep(0.3)
+        assert not done and store.reads == [], "the waiter must not work while the lease is held"
+        # The holder finishes: stores the result and releases its lease.
+        result = service._handle_leased(request, True, leased=True).result
+        holder.release("r3", taken[0])
+        waiter.join(10)
+    assert done and done[0].republished and done[0].result == result
+    assert store.reads == ["s3://mem/a.jpg"]
+
+
+def test_a_lease_held_too_long_is_a_retryable_wait(backend: Backend) -> None:
+    leases = MemoryLeases()
+    assert leases.acquire("r4", "someone-else", 60) == 0
+    store = SlowStore({"s3://mem/a.jpg": _jpeg(1)}, delay_s=0)
+    rules = DeliveryRules(lease_wait_s=0.3, lease_poll_s=0.01)
+    with _service(backend, store, leases, rules=rules) as service, pytest.raises(LeaseBusy):
+        service.handle(
+            ModerationRequest(request_id="r4", image="s3://mem/a.jpg"), may_retry=True
+        )
+    assert store.reads == []
+
+
+def _die_holding(leases: MemoryLeases, request_id: str, times: int) -> None:
+    """What a delivery whose process dies leaves behind: a counted delivery, an expired lease."""
+    for i in range(times):
+        assert leases.acquire(request_id, f"dead-{i}", 0.001) is not None
+        leases.begin(request_id)
+        time.sleep(0.002)
+
+
+def test_a_request_that_killed_its_workers_is_answered_before_any_work(
+    backend: Backend,
+) -> None:
+    leases = MemoryLeases()
+    store = SlowStore({"s3://mem/a.jpg": _jpeg(1)}, delay_s=0)
+    _die_holding(leases, "poison", 3)
+    with _service(backend, store, leases, rules=DeliveryRules(max_deliveries=3)) as service:
+        handled = service.handle(
+            ModerationRequest(request_id="poison", image="s3://mem/a.jpg", callback=HOOK),
+            may_retry=True,
+        )
+        again = service.handle(
+            ModerationRequest(request_id="poison", image="s3://mem/a.jpg", callback=HOOK),
+            may_retry=True,
+        )
+    assert store.reads == [], "the answer comes before any fetch"
+    assert handled.result.error is not None
+    assert handled.result.error.code == "too_many_deliveries"
+    assert not handled.result.error.retryable
+    assert handled.dead_letter == "too_many_deliveries"
+    assert again.republished and again.result == handled.result
+
+
+def test_deliveries_under_the_limit_still_run(backend: Backend) -> None:
+    leases = MemoryLeases()
+    store = SlowStore({"s3://mem/a.jpg": _jpeg(1)}, delay_s=0)
+    _die_holding(leases, "twice", 2)
+    with _service(backend, store, leases, rules=DeliveryRules(max_deliveries=3)) as service:
+        handled = service.handle(
+            ModerationRequest(request_id="twice", image="s3://mem/a.jpg"), may_retry=True
+        )
+    assert handled.result.status is Status.OK
+    assert leases.acquire("twice", "probe", 1) == 0, "a finished delivery clears the count"
+
+
+def test_a_retry_is_not_a_death(backend: Backend) -> None:
+    """A delivery that ends in a retry ended cleanly: its count is cleared, so transient
+    failures never add up to ``too_many_deliveries``."""
+    leases = MemoryLeases()
+    store = SlowStore({"s3://mem/a.jpg": _jpeg(1)}, delay_s=0)
+    store.fail = True
+    with _service(backend, store, leases, rules=DeliveryRules(max_deliveries=1)) as service:
+        request = ModerationRequest(request_id="flaky", image="s3://mem/a.jpg")
+        for _ in range(4):
+            with pytest.raises(TransientFailure):
+                service.handle(request, may_retry=True)
+        store.fail = False
+        handled = service.handle(request, may_retry=True)
+    assert handled.result.status is Status.OK
+    assert len(store.reads) == 5
+
+
+def _handler(service: ModerationService, request_id: str, image: str) -> Callable[[], Any]:
+    request = ModerationRequest(request_id=request_id, image=image)
+    return lambda: service.handle(request, may_retry=True)
+
+
+def test_suspects_run_one_at_a_time_and_fresh_requests_together(backend: Backend) -> None:
+    """A request whose earlier delivery died with its process runs alone, so a crash it
+    causes again is not counted against the requests beside it."""
+    leases = MemoryLeases()
+    refs = {f"s3://mem/{i}.jpg": _jpeg(10 + i) for i in range(8)}
+    store = SlowStore(refs, delay_s=0.2)
+    for i in range(4):
+        _die_holding(leases, f"suspect-{i}", 1)
+    with _service(backend, store, leases) as service:
+        suspects = _at_once(
+            [_handler(service, f"suspect-{i}", f"s3://mem/{i}.jpg") for i in range(4)]
+        )
+    assert store.most_at_once == 1, "suspects must not overlap"
+    assert all(getattr(h, "result", None) is not None for h in suspects), suspects
+    store.most_at_once = 0
+    with _service(backend, store, leases) as service:
+        fresh = _at_once(
+            [_handler(service, f"fresh-{i}", f"s3://mem/{4 + i}.jpg") for i in range(4)]
+        )
+    assert all(getattr(h, "result", None) is not None for h in fresh), fresh
+    assert store.most_at_once > 1, "fresh requests run side by side"
