@@ -39,6 +39,16 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(50_000_000, ge=1)
     max_frames: int = Field(1_000, ge=1)
     sample_frames: int = Field(8, ge=1)
+    max_aspect_ratio: float = Field(100.0, ge=1, description="long side over short side")
+    max_jpeg_scans: int = Field(100, ge=1, description="scans of a progressive JPEG")
+    max_segments: int = Field(
+        100_000,
+        ge=1,
+        description="marker segments, chunks, blocks, IFD entries or RLE commands in one image",
+    )
+    max_animation_pixels: int = Field(
+        1_000_000_000, ge=1, description="canvas pixels composed walking an animation's frames"
+    )
     decode_processes: int | None = Field(
         None,
         ge=0,
@@ -105,6 +115,18 @@ class Settings(BaseSettings):
         "(popped, never unacked) and re-sends them; 0 = producers record nothing, no sweep",
     )
     max_retries: int = Field(8, ge=0)
+    max_deliveries: int = Field(
+        3,
+        ge=1,
+        description="deliveries of one request that may end with their worker process dying "
+        "(out of memory, a crash) before the request is answered too_many_deliveries",
+    )
+    lease_ttl_s: float = Field(
+        30.0,
+        gt=0,
+        description="a request's lease (one delivery works on it at a time) lasts this long "
+        "unless its holder renews it; a dead holder's lease frees after it",
+    )
     retry_backoff_max_s: int = Field(120, ge=1)
     metrics_port: int = Field(9808, ge=0, le=65535, description="Prometheus port; 0 = off")
     malloc_arenas: int = Field(

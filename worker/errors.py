@@ -10,6 +10,9 @@ once released) and whether a retry can help::
     │   │   ├── ImageTooLarge          image_too_large      (bytes over the cap)
     │   │   ├── TooManyPixels          too_many_pixels      (decompression bomb)
     │   │   ├── TooManyFrames          too_many_frames
+    │   │   ├── TooComplex             too_complex          (scans, segments, chunks over
+    │   │   │                                                a cap: walked before decoding)
+    │   │   ├── ExtremeAspectRatio     extreme_aspect_ratio
     │   │   ├── UnsupportedFormat      unsupported_format   (not on the allowlist)
     │   │   ├── CorruptImage           corrupt_image        (truncated, undecodable)
     │   │   ├── DecodeBudgetExceeded   decode_budget_exceeded  (over the decode backstop's
@@ -22,6 +25,7 @@ once released) and whether a retry can help::
     │   │   └── ObjectNotFound         not_found
     │   ├── SourceChanged              source_changed       (bytes changed under us)
     │   ├── InternalError              internal             (a bug; retried, then reported)
+    │   ├── TooManyDeliveries          too_many_deliveries  (each delivery ended its worker)
     │   ├── InvalidRequest             invalid_request      (a message that is no request)
     │   ├── InvalidCallback            invalid_callback     (bad URI or the receiver refused)
     │   ├── ModelError                 a model cannot be loaded or run as asked
@@ -59,6 +63,7 @@ __all__ = [
     "DecodeBudgetExceeded",
     "DecoderCrashed",
     "EmptyImage",
+    "ExtremeAspectRatio",
     "ForbiddenReference",
     "ImageError",
     "ImageTooLarge",
@@ -80,7 +85,9 @@ __all__ = [
     "ResourceExhausted",
     "RetryableError",
     "SourceChanged",
+    "TooManyDeliveries",
     "StorageUnavailable",
+    "TooComplex",
     "TooManyFrames",
     "TooManyPixels",
     "UnknownBank",
@@ -121,6 +128,17 @@ class TooManyPixels(ImageError):
 
 class TooManyFrames(ImageError):
     code = "too_many_frames"
+
+
+class TooComplex(ImageError):
+    """More structure (scans, marker segments, chunks, blocks, IFD entries) than decoding
+    within the time budget allows, counted before decoding."""
+
+    code = "too_complex"
+
+
+class ExtremeAspectRatio(ImageError):
+    code = "extreme_aspect_ratio"
 
 
 class UnsupportedFormat(ImageError):
@@ -167,6 +185,13 @@ class SourceChanged(PermanentError):
 
 class InternalError(PermanentError):
     code = "internal"
+
+
+class TooManyDeliveries(PermanentError):
+    """A request whose deliveries kept ending the worker process before they finished (out of
+    memory, a native crash): answered and dead-lettered instead of killing the next worker."""
+
+    code = "too_many_deliveries"
 
 
 class InvalidRequest(PermanentError):

@@ -108,6 +108,37 @@ SCENARIOS: dict[str, Scenario] = {
         "webhook endpoint down",
         "retries with backoff, then the result is kept in the dead-letter queue",
     ),
+    "fault.overlap": Scenario(
+        _F,
+        "every request sent three times at once to three workers; one killed (`kill -9`) "
+        "mid-run",
+        "one delivery per request fetches, classifies and acts; the others re-publish its "
+        "result: all copies identical, every blocked image in quarantine exactly once",
+    ),
+    "fault.unbuildable_runtime": Scenario(
+        _F,
+        "a worker that cannot build its runtime (no weights, missing model or policy, bad "
+        "quarantine URI, unreachable required banks)",
+        "one error naming the setting, exit non-zero, never ready; no message taken",
+    ),
+    "fault.stage_raises": Scenario(
+        _F,
+        "an exception at each stage of a delivery (validate, stored, assess, store, act, "
+        "publish, dead letter, forget), once",
+        "retried; every request ends with its published result",
+    ),
+    "fault.stage_raises_always": Scenario(
+        _F,
+        "an exception at each stage of a delivery, every time",
+        "an error result is published where one can be; a request that cannot be answered "
+        "is never acked",
+    ),
+    "fault.poison": Scenario(
+        _F,
+        "a message whose processing kills the worker process, every time",
+        "after `MODQ_MAX_DELIVERIES` deaths it is answered `too_many_deliveries` and "
+        "dead-lettered before any work; the requests beside it get their verdicts",
+    ),
     # --- load -------------------------------------------------------------------------------
     "load.soak": Scenario(
         _L,
@@ -139,6 +170,29 @@ SCENARIOS: dict[str, Scenario] = {
         "decoder fuzzed (random and mutated images) for a fixed budget",
         "no crash, no hang, memory bounded: a typed error or RGB frames for every input",
     ),
+    "image.hostile_structure": Scenario(
+        _I,
+        "hostile structure, a few MB each: 50k JPEG scans, 1M marker segments, 300k PNG "
+        "chunks, 1M GIF extensions, 1000-frame animations on 2500x2500 canvases, 40k TIFF "
+        "pages, 1M strips, a 65520x65520 tile, IFD loops, 2M BMP RLE commands, 1x100000 PNGs",
+        "each refused by the structure walk or the aspect/frame-walk caps with its typed error, "
+        "within 5 s CPU and 1 GiB over the baseline (fresh process)",
+    ),
+    "image.extreme_aspect_preprocess": Scenario(
+        _I,
+        "1x100000, 100000x1 and 1x2000000 images through every preset's preprocessing",
+        "classified within 5 s CPU and 1 GiB: only the crop is resized",
+    ),
+    "image.at_the_caps": Scenario(
+        _I,
+        "the dearest input each class may be at the default caps, through every preset",
+        "classified within 5 s CPU and 1 GiB over the baseline (fresh process)",
+    ),
+    "image.fuzz_structure": Scenario(
+        _I,
+        "decoder fuzzed with structure-aware inputs (valid headers, random hostile counts)",
+        "a typed error or RGB frames for every input, each within its time and memory bound",
+    ),
     "image.worker_memory": Scenario(
         _I,
         "all the hostile images through one worker",
@@ -166,6 +220,33 @@ SCENARIOS: dict[str, Scenario] = {
     ),
     "ref.http_oversize": Scenario(
         _R, "an oversize body", "`image_too_large`; the read stops at the cap"
+    ),
+    "ref.http_slowloris": Scenario(
+        _R,
+        "an image server dripping its headers, body or TLS handshake one byte at a time",
+        "`storage_unavailable` (retryable) at the one download deadline, not per byte",
+    ),
+    "ref.webhook_slowloris": Scenario(
+        _R,
+        "a webhook receiver dripping its answer one byte at a time",
+        "each attempt ends at its deadline; the publish ends within its budget",
+    ),
+    "ref.file_special": Scenario(
+        _R,
+        "`file://` naming a FIFO, a socket, a device, a directory; NUL bytes, over-long names",
+        "refused at once without blocking (`forbidden_reference`, `not_found`, "
+        "`invalid_reference`)",
+    ),
+    "ref.file_race": Scenario(
+        _R,
+        "`file://` path component swapped for a symlink to outside while being read",
+        "no read ever returns the outside file's bytes",
+    ),
+    "ref.ipv6_embedded": Scenario(
+        _R,
+        "IPv6 forms embedding a private IPv4 (compatible, mapped, SIIT, NAT64, 6to4, Teredo), "
+        "site-local `fec0::/10`",
+        "`forbidden_reference`; every form judged as its IPv4 address",
     ),
     # --- hostile messages -------------------------------------------------------------------
     "msg.pickle": Scenario(_M, "a pickle-serialized task", "refused unread; the worker survives"),
@@ -197,33 +278,6 @@ SCENARIOS: dict[str, Scenario] = {
         "near-duplicates either side of every policy threshold, SQLite cache (`modq scan`)",
         "only a cached block is reused; every other image is classified: never below its own "
         "verdict",
-    ),
-    "ref.http_slowloris": Scenario(
-        _R,
-        "an image server dripping its headers, body or TLS handshake one byte at a time",
-        "`storage_unavailable` (retryable) at the one download deadline, not per byte",
-    ),
-    "ref.webhook_slowloris": Scenario(
-        _R,
-        "a webhook receiver dripping its answer one byte at a time",
-        "each attempt ends at its deadline; the publish ends within its budget",
-    ),
-    "ref.file_special": Scenario(
-        _R,
-        "`file://` naming a FIFO, a socket, a device, a directory; NUL bytes, over-long names",
-        "refused at once without blocking (`forbidden_reference`, `not_found`, "
-        "`invalid_reference`)",
-    ),
-    "ref.file_race": Scenario(
-        _R,
-        "`file://` path component swapped for a symlink to outside while being read",
-        "no read ever returns the outside file's bytes",
-    ),
-    "ref.ipv6_embedded": Scenario(
-        _R,
-        "IPv6 forms embedding a private IPv4 (compatible, mapped, SIIT, NAT64, 6to4, Teredo), "
-        "site-local `fec0::/10`",
-        "`forbidden_reference`; every form judged as its IPv4 address",
     ),
     "cache.near_never_lowers_redis": Scenario(
         _C,
