@@ -198,6 +198,13 @@ SCENARIOS: dict[str, Scenario] = {
         "all the hostile images through one worker",
         "each gets its typed error or a verdict; nothing hangs; worker memory bounded",
     ),
+    "image.backstop_memory": Scenario(
+        _I,
+        "well-formed image within every cap whose decode needs more memory than the decode "
+        "backstop allows",
+        "`decode_budget_exceeded` from the decoder process, which is replaced; the worker "
+        "stays up and answers the next request",
+    ),
     # --- hostile references -----------------------------------------------------------------
     "ref.file_dotdot": Scenario(_R, "`file://` with `..`", "`forbidden_reference`"),
     "ref.file_outside": Scenario(
