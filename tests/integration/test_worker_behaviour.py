@@ -92,7 +92,15 @@ def test_with_the_cache_redis_unreachable_the_worker_keeps_classifying(
     for i in range(3):
         (images / f"{i}.jpg").write_bytes(_jpeg(10 + i))
     dead_redis = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
-    worker = start_worker({"MODQ_CACHE_URL": dead_redis, "MODQ_ALLOWED_ROOTS": str(images)})
+    # The banks live elsewhere and can be read: a bank store named by the settings that
+    # cannot be read at start stops the worker (test_fail_closed), a dead cache does not.
+    worker = start_worker(
+        {
+            "MODQ_CACHE_URL": dead_redis,
+            "MODQ_BANK_URL": start_worker.cache_url,
+            "MODQ_ALLOWED_ROOTS": str(images),
+        }
+    )
     collector = Collector(start_worker.broker_url)
     with Client(Settings(broker_url=start_worker.broker_url)) as client:
         for i in range(3):

@@ -14,9 +14,11 @@ TIMEOUT = 180
 
 
 def modq_env(cache_home: Path) -> dict[str, str]:
-    """This environment without MODQ_ and HF_ settings, its caches under ``cache_home``."""
+    """This environment without MODQ_ and HF_ settings, its caches under ``cache_home``, and
+    no Redis: the machine's own Redis (the built-in default) is never read."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MODQ_", "HF_"))}
     env.update(
+        MODQ_CACHE_URL="",
         XDG_CACHE_HOME=str(cache_home),
         HF_HOME=str(cache_home / "huggingface"),
         HF_HUB_OFFLINE="1",

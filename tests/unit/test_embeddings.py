@@ -201,9 +201,16 @@ def test_scan_report_lines_are_records(backend: Backend, folder: Path, tmp_path:
     from worker.scan import run_scan
 
     report = tmp_path / "report.jsonl"
-    run_scan(Settings(cache_dir=tmp_path / "cache"), [folder], report, None, embed=True)
+    run_scan(
+        Settings(cache_dir=tmp_path / "cache", cache_url=None), [folder], report, None, embed=True
+    )
     (folder / "broken.jpg").write_bytes(b"not an image")
-    run_scan(Settings(cache_dir=tmp_path / "cache"), [folder], tmp_path / "r2.jsonl", None)
+    run_scan(
+        Settings(cache_dir=tmp_path / "cache", cache_url=None),
+        [folder],
+        tmp_path / "r2.jsonl",
+        None,
+    )
     source = RecordSource(str(report), Settings())
     records = list(source)
     assert len(records) == 5 and source.skipped == 0

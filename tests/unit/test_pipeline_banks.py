@@ -15,7 +15,7 @@ from tests.support.images import textured
 from worker.banks import BankInfo, BankMatch, MemoryBankStore, PdqHash, pdq_hash
 from worker.banks.gate import BankGate
 from worker.cache import MemoryCache
-from worker.errors import BankUnavailable
+from worker.errors import BankUnavailable, ConfigError
 from worker.extras import Extras
 from worker.messages import CacheOutcome, Status, Verdict
 from worker.models.backend import Backend, BatchOutput
@@ -228,3 +228,70 @@ def test_the_gate_reads_the_bank_list_at_most_every_refresh() -> None:
     gate.active()
     assert Counting.reads == 2
     assert gate.check(PdqHash("0" * 64, quality=10)) is None  # under the quality gate
+
+
+class _Flaky(MemoryBankStore):
+    """A bank store whose Redis can be switched off."""
+
+    down = False
+
+    def banks(self) -> list[BankInfo]:
+        if self.down:
+            raise BankUnavailable("bank store (redis) banks failed: connection refused")
+        return super().banks()
+
+
+def test_a_store_named_by_a_setting_must_be_readable_before_the_first_image() -> None:
+    store = _Flaky()
+    store.down = True
+    with pytest.raises(ConfigError, match="MODQ_CACHE_URL: the hash banks cannot be read"):
+        BankGate(store, explicit="MODQ_CACHE_URL").probe()
+    # Only the built-in default, unreachable, means no banks.
+    gate = BankGate(store, refresh_s=0)
+    gate.probe()
+    assert not gate.active()
+
+
+def test_with_bank_url_set_every_failed_read_waits_even_with_no_bank_seen() -> None:
+    store = _Flaky()
+    gate = BankGate(store, refresh_s=0, required=True, explicit="MODQ_BANK_URL")
+    gate.probe()
+    assert not gate.active()
+    store.down = True
+    with pytest.raises(BankUnavailable):
+        gate.active()
+
+
+def test_on_the_fallback_banks_seen_at_start_make_a_later_outage_wait() -> None:
+    store = _Flaky()
+    store.add("known", ["f" * 64], source="test")
+    gate = BankGate(store, refresh_s=0, explicit="MODQ_CACHE_URL")
+    gate.probe()
+    store.down = True
+    with pytest.raises(BankUnavailable):
+        gate.active()
+
+
+def test_every_front_end_resolves_the_banks_as_modq_bank_does() -> None:
+    from worker.banks.redis import RedisBankStore
+    from worker.config import Settings
+
+    def where(store: object) -> tuple[object, ...]:
+        assert isinstance(store, RedisBankStore)
+        kwargs = store.client.connection_pool.connection_kwargs
+        return kwargs["host"], kwargs["port"], kwargs["db"]
+
+    cases = (
+        (Settings(bank_url="redis://b:1/2", cache_url="redis://c:1/1"), "MODQ_BANK_URL"),
+        (Settings(cache_url="redis://c:1/1"), "MODQ_CACHE_URL"),
+        (Settings(), None),
+    )
+    for settings, explicit in cases:
+        gate = BankGate.from_settings(settings)
+        assert gate is not None
+        # the same Redis `modq bank` writes to
+        assert where(gate.store) == where(RedisBankStore.from_settings(settings))
+        assert gate.explicit == explicit
+        assert gate.required is (explicit == "MODQ_BANK_URL")
+        gate.close()
+    assert BankGate.from_settings(Settings(cache_url=None)) is None

@@ -76,7 +76,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, VectorIndex]
         (folder / f"photo{i}.jpg").write_bytes(data)
     work = tmp_path_factory.mktemp("scan")
     report = work / "report.jsonl"
-    run_scan(Settings(cache_dir=work / "cache"), [folder], report, None, embed=True)
+    run_scan(Settings(cache_dir=work / "cache", cache_url=None), [folder], report, None, embed=True)
     index = VectorIndex.build(RecordSource(str(report), Settings()))
     index.save(work / "index")
     return folder, VectorIndex.open(work / "index")

@@ -1,15 +1,19 @@
 """The pipeline's bank check: whether an image must be matched, and the match.
 
 Every front end and ``modq bank`` find the banks the same way: on ``MODQ_BANK_URL``, else on
-the verdict cache's Redis (``MODQ_CACHE_URL``). Two rules decide what happens when that Redis
+the verdict cache's Redis (``MODQ_CACHE_URL``). Three rules decide what happens when that Redis
 cannot be read:
 
-- when ``MODQ_BANK_URL`` is set (``required``), or once this process has seen an enabled
-  bank, a failed read raises ``BankUnavailable`` (retryable): the image waits for the banks
-  (or, in ``modq scan``, gets an error result), never an answer without them;
-- a process on the fallback that has never seen an enabled bank (no banks in use, or that
-  Redis unreachable since it started) classifies without banks, as it does without the
-  verdict cache, so a deployment that uses no banks keeps working when that Redis is down.
+- before the first image (``probe``): a store named explicitly (``MODQ_BANK_URL``, or a
+  ``MODQ_CACHE_URL`` set in the environment) that cannot be read stops the process with a
+  ``ConfigError`` naming the setting: it cannot know whether banks are switched on. Only the
+  built-in default Redis, unreachable, means no banks (a first ``modq scan`` needs no Redis);
+- later, when ``MODQ_BANK_URL`` is set (``required``) or once this process has seen an
+  enabled bank, a failed read raises ``BankUnavailable`` (retryable): the image waits for the
+  banks (in ``modq scan``, an error result), never an answer without them;
+- a process on the fallback that found no enabled bank classifies without banks through a
+  later outage, as it does without the verdict cache: a deployment that uses no banks keeps
+  working while that Redis is down.
 
 The list of enabled banks is read at most every ``refresh_s`` seconds: a bank added or
 disabled takes effect within that time. Images whose PDQ quality is under the gate (flat,
@@ -22,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from worker.banks.base import BankMatch, BankStore
+from worker.banks.base import BankInfo, BankMatch, BankStore
 from worker.banks.pdq import PDQ_MAX_DISTANCE, PDQ_QUALITY_MIN, PdqHash
 from worker.config import Settings
 from worker.errors import BankUnavailable, ConfigError
@@ -43,9 +47,13 @@ class BankGate:
         clock: Callable[[], float] = time.monotonic,
         *,
         required: bool = False,
+        explicit: str | None = None,
     ) -> None:
+        """``required``: every failed read is ``BankUnavailable``; ``explicit``: the setting
+        that named the store, which must be readable before the first image."""
         self.store = store
         self.required = required
+        self.explicit = explicit
         self.max_distance = max_distance
         self.quality_min = quality_min
         self.refresh_s = refresh_s
@@ -69,6 +77,7 @@ class BankGate:
             settings.bank_max_distance,
             settings.bank_quality_min,
             required=settings.bank_url is not None,
+            explicit=_explicit_setting(settings),
         )
 
     def active(self) -> bool:
@@ -85,18 +94,29 @@ class BankGate:
                     raise
                 log.warning("hash banks unreadable; none seen yet, classifying", error=str(exc))
                 return False
-            self._enabled = tuple(b.name for b in banks if b.enabled)
-            self._read_at = now
-            self._ever_enabled = self._ever_enabled or bool(self._enabled)
+            self._record(banks, now)
             return bool(self._enabled)
 
+    def _record(self, banks: list[BankInfo], now: float) -> None:
+        self._enabled = tuple(b.name for b in banks if b.enabled)
+        self._read_at = now
+        self._ever_enabled = self._ever_enabled or bool(self._enabled)
+
     def probe(self) -> None:
-        """Read the list of banks now, before any image: a store that must be read and cannot
-        be is a deployment that cannot moderate as configured."""
+        """Read the list of banks now, before any image: a store named explicitly that cannot
+        be read is a deployment that cannot moderate as configured."""
         try:
-            self.active()
+            banks = self.store.banks()
         except BankUnavailable as exc:
-            raise ConfigError(f"the hash banks at MODQ_BANK_URL cannot be read: {exc}") from exc
+            if self.explicit is not None:
+                raise ConfigError(
+                    f"{self.explicit}: the hash banks cannot be read, so whether any are "
+                    f"switched on is unknown: {exc}"
+                ) from exc
+            log.warning("hash banks unreadable at the default Redis; classifying without them")
+            return
+        with self._lock:
+            self._record(banks, self._clock())
 
     def check(self, pdq: PdqHash) -> BankMatch | None:
         if pdq.quality < self.quality_min:
@@ -105,3 +125,12 @@ class BankGate:
 
     def close(self) -> None:
         self.store.close()
+
+
+def _explicit_setting(settings: Settings) -> str | None:
+    """The setting that named the bank store, if one was given (not the built-in default)."""
+    if settings.bank_url is not None:
+        return "MODQ_BANK_URL"
+    if settings.cache_url is not None and "cache_url" in settings.model_fields_set:
+        return "MODQ_CACHE_URL"
+    return None
