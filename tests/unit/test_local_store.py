@@ -91,7 +91,6 @@ def test_fifos_sockets_devices_and_directories_are_refused_at_once(
     # Through a symlink in the root: refused by confinement (it leaves the root) first.
     (root / "zero.jpg").symlink_to("/dev/zero")
     seen["link to /dev/zero"] = _bounded(lambda: store.read(file_ref(root / "zero.jpg"), 64))
-    # A FIFO with a writer waiting on it is refused the same way, and the writer still waits.
     expected = {
         "fifo": ForbiddenReference,
         "socket": ForbiddenReference,
