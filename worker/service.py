@@ -172,8 +172,10 @@ class ModerationService:
             if assessed.error is not None and assessed.error.retryable and may_retry:
                 raise TransientFailure(assessed.error)
             stored = self._store(assessed, may_retry)
-        else:
-            log.info("taking over from a delivery that died", request_id=request.request_id)
+        elif self.pipeline.action_pending(stored):
+            log.info("taking over an unfinished action", request_id=request.request_id)
+        else:  # the holder finished between our look at the store and the lease
+            log.info("re-delivery: publishing the stored result", request_id=request.request_id)
         result = self._act(stored, may_retry)
         return self._publish(request, result, may_retry, republished=republished)
 

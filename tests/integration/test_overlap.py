@@ -150,7 +150,7 @@ def test_overlapping_deliveries_on_three_workers_one_killed(
     copies = quarantine_copies(world)
     fresh = Counter(str(e["request_id"]) for w in workers for e in events(w, "published")
                     if not e["republished"])  # fmt: skip
-    takeovers = sum(len(events(w, "taking over from a delivery that died")) for w in workers)
+    takeovers = sum(len(events(w, "taking over an unfinished action")) for w in workers)
     unfinished = received(victim) - {str(e["request_id"]) for e in events(victim, "published")}
 
     blocked = {
