@@ -194,6 +194,32 @@ def test_a_real_image_over_the_memory_budget_is_refused(heavy_png: bytes) -> Non
         _same(pool.decode(_small(), LIMITS, DRAFT), decode(_small(), LIMITS, DRAFT))
 
 
+def test_only_a_fresh_decoder_may_refuse_an_image_for_memory(
+    heavy_png: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a decoder kept from earlier images must not turn into a permanent refusal: a
+    used decoder that runs out of memory is replaced and the image tried once more."""
+    spawned: list[int] = []
+    spawn = DecodePool._spawn
+
+    def counting(pool: DecodePool) -> object:
+        child = spawn(pool)
+        spawned.append(child.pid)
+        return child
+
+    monkeypatch.setattr(DecodePool, "_spawn", counting)
+    with DecodePool(Backstop(1, memory_mb=64)) as pool:
+        assert len(spawned) == 1
+        with pytest.raises(DecodeBudgetExceeded, match="memory"):
+            pool.decode(heavy_png, LIMITS, None)  # a fresh decoder: refused, replaced once
+        assert len(spawned) == 2
+        pool.decode(_small(), LIMITS, DRAFT)
+        with pytest.raises(DecodeBudgetExceeded, match="memory"):
+            pool.decode(heavy_png, LIMITS, None)  # a used one: asked again in a fresh one
+        assert len(spawned) == 4
+        assert pool.pids() == [spawned[-1]]
+
+
 def test_the_default_budget_decodes_an_image_at_the_pixel_cap() -> None:
     """7000 x 7000 RGBA (49 Mpx, the cap is 50 M), decoded at full size: the defaults must
     not refuse what decode's own limits accept."""
