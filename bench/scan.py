@@ -9,10 +9,15 @@ For each preset, in one run over the same set of mixed-size JPEGs:
          preprocess, batched forward) done sequentially in one thread, no pipeline machinery.
 
 It prints images per second for each and the ratios scan/floor (target >= 0.9: the pipeline
-must add almost nothing) and scan/bare. Hub presets run on random-weight look-alikes (same
-architecture and preprocessing, so the same speed) built once into bench/out/lookalikes.
+must add almost nothing) and scan/bare. With ``--backstop`` it also runs scan with the decode
+backstop (a pool of decoder processes, one per core, as `modq scan` and the worker decode by
+default) and with decoding in-process (MODQ_DECODE_PROCESSES=0), in ``--rounds`` pairs whose
+order alternates, and prints both and the median of the pairs' ratios. Hub presets run on
+random-weight look-alikes (same architecture and preprocessing, so the same speed) built once
+into bench/out/lookalikes.
 
     .venv/bin/python bench/scan.py [--presets opennsfw,marqo] [--images 200] [--batch 32]
+                                   [--backstop [--rounds 3]]
 """
 
 from __future__ import annotations
@@ -21,13 +26,16 @@ import argparse
 import hashlib
 import os
 import platform
+import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from worker.decode import DecodeLimits, decode
+from worker.decode import DecodedImage, DecodeLimits, decode
+from worker.decodepool import Backstop, DecodePool
 from worker.hashing import hash_image
 from worker.models.backend import Backend
 from worker.models.precision import load_model
@@ -111,9 +119,17 @@ def floor(backend: Backend, paths: list[Path], batch: int, limits: DecodeLimits)
     return len(paths) / (time.perf_counter() - started)
 
 
-def scan(backend: Backend, paths: list[Path], batch: int, limits: DecodeLimits) -> float:
+def scan(
+    backend: Backend,
+    paths: list[Path],
+    batch: int,
+    limits: DecodeLimits,
+    decoder: Callable[[bytes, DecodeLimits, int | None], DecodedImage] = decode,
+) -> float:
     """The pipeline as `modq scan` builds it (see worker/scan.py: run_scan), model preloaded."""
-    options = PipelineOptions(limits=limits, max_batch_size=batch, max_wait_ms=10.0)
+    options = PipelineOptions(
+        limits=limits, max_batch_size=batch, max_wait_ms=10.0, decoder=decoder
+    )
     store = LocalStore([paths[0].parent])
     concurrency = max(4, min(2 * batch, batch + 2 * (os.cpu_count() or 1)))  # as run_scan
     with Pipeline(backend, store, Policy("bench", 0.5, 0.9), None, None, options) as pipeline:
@@ -140,11 +156,46 @@ def bare(backend: Backend, paths: list[Path], batch: int, limits: DecodeLimits) 
     return runs * len(arrays) / (time.perf_counter() - started)
 
 
+def backstop(
+    backend: Backend,
+    paths: list[Path],
+    batch: int,
+    limits: DecodeLimits,
+    preset: str,
+    rounds: int,
+) -> None:
+    """Scan with the decode pool and in-process, in pairs whose order alternates; the median
+    of the pairs' ratios (a shared machine's load drifts between passes)."""
+    processes = len(os.sched_getaffinity(0))
+    pooled, inproc, ratios = [], [], []
+    with DecodePool(Backstop(processes)) as pool:
+        scan(backend, paths[:batch], batch, limits, pool.decode)  # warm the decoders
+        for i in range(rounds):
+            pair = {}
+            for mode in ("pool", "in-process")[:: 1 if i % 2 else -1]:
+                decoder = pool.decode if mode == "pool" else decode
+                pair[mode] = scan(backend, paths, batch, limits, decoder)
+            pooled.append(pair["pool"])
+            inproc.append(pair["in-process"])
+            ratios.append(pair["pool"] / pair["in-process"])
+    print(
+        f"{preset:10} backstop ({processes} decoder processes), {rounds} rounds: pool "
+        f"{statistics.median(pooled):.1f} img/s, in-process {statistics.median(inproc):.1f} "
+        f"img/s (medians); pool/in-process {statistics.median(ratios):.2f} "
+        f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)})",
+        flush=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", default="opennsfw,marqo")
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument(
+        "--backstop", action="store_true", help="also compare the decode pool with in-process"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="--backstop: pairs of scans")
     args = parser.parse_args()
 
     import onnxruntime
@@ -172,6 +223,8 @@ def main() -> None:
             f"{scan_ips / floor_ips:11.2f} {scan_ips / bare_ips:10.2f}",
             flush=True,
         )
+        if args.backstop:
+            backstop(backend, paths, args.batch, limits, preset, args.rounds)
     print("\ntarget: scan/floor >= 0.9 for every preset")
 
 
