@@ -47,7 +47,7 @@ class Settings(BaseSettings):
         description="marker segments, chunks, blocks, IFD entries or RLE commands in one image",
     )
     max_animation_pixels: int = Field(
-        1_000_000_000, ge=1, description="canvas pixels composed walking an animation's frames"
+        500_000_000, ge=1, description="canvas pixels composed walking an animation's frames"
     )
     decode_processes: int | None = Field(
         None,

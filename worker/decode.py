@@ -1,8 +1,11 @@
 """Turn untrusted bytes into RGB frames, refusing anything outside the limits before decoding.
 
-Order matters: the byte cap is checked before Pillow sees the data, the format allowlist at
-open (Pillow tries only the allowed plugins), the pixel and frame caps from the header before
-any pixel is decoded, and only then are frames decoded, EXIF-transposed and converted to RGB.
+Order matters: the byte cap is checked before Pillow sees the data, then a capped walk of the
+structure (``worker.structure``: scans, marker segments, chunks, pages, strips, tiles, frames)
+before Pillow parses it, the format allowlist at open (Pillow tries only the allowed plugins),
+the pixel, aspect-ratio and frame caps from the header and the canvas pixels the frame walk
+will compose before any pixel is decoded, and only then are frames decoded, EXIF-transposed
+and converted to RGB.
 
 The pixel cap bounds memory per image: one frame may not exceed it, and neither may the sampled
 frames together (each is kept as RGB until the model has seen it). A MemoryError is not a fact
@@ -22,6 +25,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from worker.errors import (
     CorruptImage,
     EmptyImage,
+    ExtremeAspectRatio,
     ImageTooLarge,
     ModqError,
     ResourceExhausted,
@@ -29,6 +33,7 @@ from worker.errors import (
     TooManyPixels,
     UnsupportedFormat,
 )
+from worker.structure import Structure, check_structure
 
 __all__ = ["ALLOWED_FORMATS", "DecodeLimits", "DecodedImage", "decode", "sample_indices"]
 
@@ -47,6 +52,15 @@ class DecodeLimits:
     max_pixels: int = 50_000_000
     max_frames: int = 1_000
     sample_frames: int = 8
+    #: long side over short side
+    max_aspect_ratio: float = 100.0
+    #: progressive JPEG scans (common encoders write about 10)
+    max_scans: int = 100
+    #: items a decoder walks one at a time: JPEG marker segments, PNG and WebP chunks, GIF
+    #: blocks, TIFF IFD entries and numeric values, BMP run-length commands
+    max_segments: int = 100_000
+    #: canvas pixels composed while stepping through an animation's frames to the last
+    max_animation_pixels: int = 500_000_000
 
 
 @dataclass(frozen=True)
@@ -80,9 +94,10 @@ def decode(data: bytes, limits: DecodeLimits, draft_size: int | None = None) -> 
         raise EmptyImage("the image is empty (0 bytes)")
     if len(data) > limits.max_bytes:
         raise ImageTooLarge(f"the image is {len(data)} bytes; the limit is {limits.max_bytes}")
+    structure = _check_structure(data, limits)
     image = _open(data)
     try:
-        return _decode_frames(image, limits, draft_size)
+        return _decode_frames(image, limits, draft_size, structure)
     except ModqError:
         raise
     except MemoryError as exc:
@@ -96,6 +111,17 @@ def decode(data: bytes, limits: DecodeLimits, draft_size: int | None = None) -> 
         raise CorruptImage(f"cannot decode the image: {type(exc).__name__}: {exc}") from exc
     finally:
         image.close()
+
+
+def _check_structure(data: bytes, limits: DecodeLimits) -> Structure | None:
+    try:
+        return check_structure(data, limits)
+    except ModqError:
+        raise
+    except Exception as exc:  # a walker bug must not let the image past unchecked
+        raise CorruptImage(
+            f"cannot read the image's structure: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def _open(data: bytes) -> Image.Image:
@@ -117,7 +143,7 @@ def _open(data: bytes) -> Image.Image:
 
 
 def _decode_frames(
-    image: Image.Image, limits: DecodeLimits, draft_size: int | None
+    image: Image.Image, limits: DecodeLimits, draft_size: int | None, structure: Structure | None
 ) -> DecodedImage:
     width, height = image.size
     if width <= 0 or height <= 0:
@@ -131,13 +157,41 @@ def _decode_frames(
     frame_count = _frame_count(image, limits)
     # MPO's extra frames are depth maps or previews, not animation: score the primary image.
     indices = [0] if fmt == "MPO" else sample_indices(frame_count, limits.sample_frames)
+    if len(indices) > 1:
+        _check_walk(frame_count, width, height, limits, structure)
     if len(indices) * width * height > limits.max_pixels:
         raise TooManyPixels(
             f"the {len(indices)} sampled frames of {width}x{height} hold "
             f"{len(indices) * width * height} pixels together; the limit is {limits.max_pixels}"
         )
+    _check_aspect_ratio(width, height, limits)
     frames = tuple(_frames(image, fmt, indices, limits, draft_size))
     return DecodedImage(frames, fmt, width, height, frame_count)
+
+
+def _check_aspect_ratio(width: int, height: int, limits: DecodeLimits) -> None:
+    # A resize of a 1x100000 strip to a model's square input is cheap only if done with care;
+    # every resize on the way (hashes, previews, other models) would have to take that care.
+    ratio = max(width, height) / min(width, height)
+    if ratio > limits.max_aspect_ratio:
+        raise ExtremeAspectRatio(
+            f"the image is {width}x{height}, an aspect ratio of {ratio:,.0f}:1; the limit is "
+            f"{limits.max_aspect_ratio:g}:1"
+        )
+
+
+def _check_walk(
+    frame_count: int, width: int, height: int, limits: DecodeLimits, structure: Structure | None
+) -> None:
+    """Reaching the last sampled frame decodes every frame before it on the whole canvas
+    (GIF, APNG, WebP): bound the pixels that walk composes, as the structure walk found them
+    (a GIF's canvas can grow frame by frame) or from the header's canvas."""
+    walk = structure.walk_pixels if structure is not None else frame_count * width * height
+    if walk > limits.max_animation_pixels:
+        raise TooManyPixels(
+            f"reaching the last of {frame_count} frames composes {walk:,} canvas pixels "
+            f"({width}x{height} and up); the limit is {limits.max_animation_pixels:,}"
+        )
 
 
 def _frame_count(image: Image.Image, limits: DecodeLimits) -> int:

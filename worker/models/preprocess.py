@@ -27,6 +27,8 @@ _PIL_INTERPOLATION = {
 
 CAFFE_RESIZE = 256
 CAFFE_MEAN_BGR = np.array([104.0, 117.0, 123.0], dtype=np.float32)
+#: the largest intermediate a squash resize may build in one pass (see _squash_resize)
+MAX_INTERMEDIATE_PIXELS = 16_000_000
 
 
 def draft_size(card: ModelCard) -> int:
@@ -42,7 +44,7 @@ def preprocess(card: ModelCard, image: Image.Image) -> np.ndarray:
 def _caffe(card: ModelCard, image: Image.Image) -> np.ndarray:
     # Yahoo's classify_nsfw.py: resize to 256x256, JPEG-encode, decode, then crop 224. The
     # network was fitted to JPEG artefacts, so the round trip is part of the model.
-    resized = image.resize((CAFFE_RESIZE, CAFFE_RESIZE), resample=Image.Resampling.BILINEAR)
+    resized = _squash_resize(image, (CAFFE_RESIZE, CAFFE_RESIZE), Image.Resampling.BILINEAR)
     buffer = io.BytesIO()
     resized.save(buffer, format="JPEG")
     with Image.open(io.BytesIO(buffer.getvalue())) as reloaded:
@@ -60,17 +62,42 @@ def _center(card: ModelCard, image: Image.Image) -> np.ndarray:
         new = (size, int(size * height / width))
     else:
         new = (int(size * width / height), size)
-    resized = image.resize(new, resample=_PIL_INTERPOLATION[card.interpolation])
     # torchvision CenterCrop rounds the offset.
     left = round((new[0] - size) / 2.0)
     top = round((new[1] - size) / 2.0)
-    return _normalize(card, resized.crop((left, top, left + size, top + size)))
+    # Resize only the crop, as a box in source coordinates at the full resize's scale: Pillow
+    # gives the same pixels (each output pixel's filter depends on the scale and its centre
+    # alone) without building the long side, which for a 1x100000 strip is 38 million rows.
+    scale_x, scale_y = width / new[0], height / new[1]
+    box = (left * scale_x, top * scale_y, (left + size) * scale_x, (top + size) * scale_y)
+    cropped = image.resize((size, size), resample=_PIL_INTERPOLATION[card.interpolation], box=box)
+    return _normalize(card, cropped)
 
 
 def _squash(card: ModelCard, image: Image.Image) -> np.ndarray:
     size = card.input_size
-    resized = image.resize((size, size), resample=_PIL_INTERPOLATION[card.interpolation])
+    resized = _squash_resize(image, (size, size), _PIL_INTERPOLATION[card.interpolation])
     return _normalize(card, resized)
+
+
+def _squash_resize(
+    image: Image.Image, size: tuple[int, int], resample: Image.Resampling
+) -> Image.Image:
+    """``image.resize(size)``, in two steps where one would build a huge intermediate.
+
+    Pillow resizes rows first, into the new width times every source row: a 1x50,000,000
+    strip squashed to 384x384 would take 19 G pixels. Where that intermediate passes both
+    the source's size and MAX_INTERMEDIATE_PIXELS, the rows are reduced first (rounding once
+    more in between); every other image takes the one-pass path the models' authors ran."""
+    if _needs_rows_first(image.size, size):
+        image = image.resize((image.width, size[1]), resample=resample)
+    return image.resize(size, resample=resample)
+
+
+def _needs_rows_first(source: tuple[int, int], size: tuple[int, int]) -> bool:
+    width, height = source
+    intermediate = size[0] * height
+    return intermediate > max(MAX_INTERMEDIATE_PIXELS, width * height) and height > size[1]
 
 
 def _normalize(card: ModelCard, image: Image.Image) -> np.ndarray:
@@ -92,6 +119,9 @@ def _squash_tv(card: ModelCard, image: Image.Image) -> np.ndarray:
     size = card.input_size
     tensor = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
     mode = tvf.InterpolationMode(card.interpolation)
+    if _needs_rows_first(image.size, (size, size)):  # as in _squash_resize: torch, too,
+        # resizes the width first, over every source row
+        tensor = tvf.resize(tensor, [size, image.width], interpolation=mode, antialias=True)
     resized = tvf.resize(tensor, [size, size], interpolation=mode, antialias=True)
     scale = 1.0 / float(card.extra.get("rescale_factor", 1 / 255))
     mean = torch.tensor(card.mean) * scale
