@@ -51,6 +51,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             DEAD_LETTER_TASK: {"queue": settings.dead_letter_queue},
         },
         "worker_prefetch_multiplier": settings.prefetch_multiplier,
+        # One process, one model, task threads feeding its batcher: `celery -A … worker`
+        # gets the same pool as `modq worker` (a forked pool child would inherit the runtime
+        # without its threads and hang every task).
+        "worker_pool": "threads",
+        "worker_concurrency": settings.task_threads,
         # Tasks keep running through a lost broker connection: the threads pool cannot
         # cancel them (Celery's cancel raises NotImplementedError there and the worker
         # dies), and a message handed out again meanwhile is harmless, because the first

@@ -81,8 +81,9 @@ class Settings(BaseSettings):
     )
     bank_url: str | None = Field(
         None,
-        description="Redis of the known-bad hash banks; default: MODQ_CACHE_URL (the worker "
-        "and `modq bank`); `modq scan` checks banks only when this is set",
+        description="Redis of the known-bad hash banks, for `modq bank`, `modq scan` and the "
+        "worker alike; default: MODQ_CACHE_URL. When set, an unreadable bank store always "
+        "makes images wait",
     )
     bank_max_distance: int = Field(31, ge=0, le=47, description="PDQ Hamming distance (256-bit)")
     bank_quality_min: int = Field(

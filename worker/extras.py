@@ -22,13 +22,16 @@ class Extras:
     heatmaps: ReviewHeatmaps | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings, backend: Backend) -> Extras:
+    def from_settings(
+        cls, settings: Settings, backend: Backend, *, banks_until_read: bool = False
+    ) -> Extras:
+        """``banks_until_read``: images wait for the bank list until it has been read once."""
         tap = None
         if settings.embedding_sink:
             from worker.embeddings import open_sink
 
             tap = EmbeddingTap(open_sink(settings.embedding_sink, settings))
-        banks = BankGate.from_settings(settings)
+        banks = BankGate.from_settings(settings, until_read=banks_until_read)
         heatmaps = None
         if settings.review_heatmaps_uri:
             heatmaps = ReviewHeatmaps.from_settings(settings, settings.review_heatmaps_uri, backend)

@@ -127,7 +127,7 @@ def build_runtime(settings: Settings, send_task: SendTask) -> Runtime:
                 settings.lease_ttl_s,
             )
     with _building("MODQ_BANK_URL / MODQ_EMBEDDING_SINK / MODQ_REVIEW_HEATMAPS_URI"):
-        extras = Extras.from_settings(settings, backend)
+        extras = Extras.from_settings(settings, backend, banks_until_read=True)
         if extras.banks is not None:
             extras.banks.probe()
     with _building("MODQ_QUARANTINE_URI", settings.quarantine_uri):

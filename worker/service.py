@@ -37,6 +37,7 @@ from worker.cache.results import ResultStore
 from worker.callbacks import Publisher
 from worker.errors import (
     CacheUnavailable,
+    InternalError,
     InvalidCallback,
     InvalidRequest,
     PermanentError,
@@ -121,10 +122,25 @@ class ModerationService:
                 # An earlier delivery died holding this request: run it alone, so that if it
                 # kills this process too, the requests beside it are not blamed.
                 with self._suspects:
-                    return self._handle_leased(request, may_retry, leased=token is not None)
-            return self._handle_leased(request, may_retry, leased=token is not None)
+                    return self._handle_guarded(request, may_retry, leased=token is not None)
+            return self._handle_guarded(request, may_retry, leased=token is not None)
         finally:
             self._release(request.request_id, token)
+
+    def _handle_guarded(
+        self, request: ModerationRequest, may_retry: bool, *, leased: bool
+    ) -> Handled:
+        """A bug is retried like a transient failure; on the last attempt it becomes an
+        ``internal`` error result, published while this delivery still holds the lease."""
+        try:
+            return self._handle_leased(request, may_retry, leased=leased)
+        except RetryableError:
+            raise
+        except Exception as exc:
+            if may_retry:
+                raise
+            log.exception("unexpected error on the last attempt", request_id=request.request_id)
+            return self.fail(request, InternalError(f"internal error: {exc!r}"), leased=leased)
 
     def _wait_for_turn(self, request_id: str) -> ModerationResult | tuple[str | None, int]:
         """The final stored result, or this delivery's turn: ``(lease token, standing
@@ -151,13 +167,8 @@ class ModerationService:
             time.sleep(self.rules.lease_poll_s)
 
     def _release(self, request_id: str, token: str | None) -> None:
-        if self.leases is None or token is None:
-            return
-        try:
-            self.leases.release(request_id, token)
-        except CacheUnavailable as exc:
-            # The lease expires by itself; a standing count costs at most one needless wait.
-            log.warning("lease not released", request_id=request_id, error=str(exc))
+        if self.leases is not None and token is not None:
+            self.leases.release(request_id, token)  # retried by the keeper if Redis is away
 
     def _handle_leased(
         self, request: ModerationRequest, may_retry: bool, *, leased: bool
@@ -167,7 +178,7 @@ class ModerationService:
         if stored is None:
             count = self._count_delivery(request.request_id) if leased else 0
             if count > self.rules.max_deliveries:
-                return self.fail(request, _too_many(request.request_id, count - 1))
+                return self.fail(request, _too_many(request.request_id, count - 1), leased=True)
             assessed = self._moderate(request)
             if assessed.error is not None and assessed.error.retryable and may_retry:
                 raise TransientFailure(assessed.error)
@@ -200,7 +211,7 @@ class ModerationService:
                 return finished
             if result.error.retryable and may_retry:
                 raise TransientFailure(result.error)
-            return result
+            # The action failed for good: the error is the answer, for later deliveries too.
         if self.results is not None:
             try:
                 self.results.replace(result.request_id, result.model_dump_json())
@@ -219,15 +230,17 @@ class ModerationService:
         log.info("action finished by a concurrent delivery", request_id=request_id)
         return stored
 
-    def fail(self, request: ModerationRequest, exc: PermanentError) -> Handled:
+    def fail(self, request: ModerationRequest, exc: PermanentError, *, leased: bool) -> Handled:
         """Publish an error result for a request that cannot be moderated at all: the last
-        word on it, so the record is best effort and only the publication must succeed."""
+        word on it, so the record is best effort and only the publication must succeed. A
+        stored verdict wins, except one whose action never completed, which only a delivery
+        holding the lease (``leased``) may replace with the error."""
         metrics.ERRORS.labels(exc.code).inc()
         result = error_result(request.request_id, request.image, exc.code, str(exc))
         result = result.model_copy(update={"metadata": request.metadata})
         try:
             stored = self._store(result, False)
-            if stored.status is Status.OK and self.pipeline.action_pending(stored):
+            if leased and stored.status is Status.OK and self.pipeline.action_pending(stored):
                 # A verdict whose action never completed is not an answer: the error is.
                 if self.results is not None:
                     self.results.replace(result.request_id, result.model_dump_json())
@@ -238,6 +251,14 @@ class ModerationService:
             )
             stored = result
         return self._publish(request, stored, False, republished=False)
+
+    def answer(self, request: ModerationRequest, exc: PermanentError) -> Handled:
+        """Publish an error result and store nothing: for a message that failed validation,
+        whose request id is only a claim, and for the last resort outside any lease."""
+        metrics.ERRORS.labels(exc.code).inc()
+        result = error_result(request.request_id, request.image, exc.code, str(exc))
+        result = result.model_copy(update={"metadata": request.metadata or {}})
+        return self._publish(request, result, False, republished=False)
 
     def _moderate(self, request: ModerationRequest) -> ModerationResult:
         try:

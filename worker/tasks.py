@@ -16,9 +16,15 @@ from celery.signals import task_revoked, worker_init, worker_shutdown
 from pydantic import ValidationError
 
 from worker import metrics
-from worker.celery_app import DEAD_LETTER_TASK, check_visibility_timeout
+from worker.celery_app import DEAD_LETTER_TASK, MODERATE_TASK, check_visibility_timeout
 from worker.config import Settings
-from worker.errors import InternalError, InvalidRequest, PermanentError, RetryableError
+from worker.errors import (
+    ConfigError,
+    InternalError,
+    InvalidRequest,
+    PermanentError,
+    RetryableError,
+)
 from worker.log import configure_logging, get_logger
 from worker.messages import ModerationRequest
 from worker.runtime import Runtime, close_runtime, current_runtime, get_runtime
@@ -57,9 +63,18 @@ def _runtime(task: Task) -> Runtime:
 
 
 @shared_task(bind=True, name="modq.moderate", max_retries=None)  # type: ignore[untyped-decorator]
-def moderate(self: Task, message: Any) -> dict[str, Any]:
+def moderate(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    # Any argument shape is taken, so that a message from a foreign producer with the wrong
+    # one is answered as an invalid request instead of failing before this body runs.
     runtime = _runtime(self)
+    message = _the_message(args, kwargs)
     try:
+        if message is _MISSHAPEN:
+            error = InvalidRequest(
+                f"{MODERATE_TASK} takes one argument, the request; got {len(args)} "
+                f"positional and {sorted(kwargs)[:5]} keyword argument(s)"
+            )
+            return _answer_raw(self, runtime, {"args": list(args), "kwargs": kwargs}, error)
         return _moderate(self, runtime, message)
     except (Retry, Reject):
         raise
@@ -71,6 +86,17 @@ def moderate(self: Task, message: Any) -> dict[str, Any]:
         if self.request.retries < runtime.settings.max_retries:
             raise _retry(self, runtime.settings, InternalError.code, exc) from exc
         return _answer_at_last(self, runtime, message, exc)
+
+
+_MISSHAPEN = object()
+
+
+def _the_message(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    if len(args) == 1 and not kwargs:
+        return args[0]
+    if not args and set(kwargs) == {"message"}:
+        return kwargs["message"]
+    return _MISSHAPEN
 
 
 def _answer_at_last(task: Task, runtime: Runtime, message: Any, exc: Exception) -> dict[str, Any]:
@@ -106,7 +132,7 @@ def _moderate(task: Task, runtime: Runtime, message: Any) -> dict[str, Any]:
             log.exception("unexpected error", attempt=task.request.retries + 1)
             if may_retry:
                 raise _retry(task, settings, InternalError.code, exc) from exc
-            handled = runtime.service.fail(request, InternalError(f"internal error: {exc!r}"))
+            handled = runtime.service.answer(request, InternalError(f"internal error: {exc!r}"))
         try:
             _dead_letter(task, settings, message, handled)
         except Exception as exc:
@@ -171,15 +197,14 @@ def _answer_raw(
     request_id = str(fields.get("request_id") or task.request.id)[:128]
     image = str(fields.get("image", ""))[:4096]
     log.warning("answering with an error", request_id=request_id, error=str(error))
-    metrics.ERRORS.labels(error.code).inc()
     handled = Handled(error_result(request_id, image, error.code, str(error)), error.code)
     callback = fields.get("callback")
     try:
         probe = ModerationRequest(request_id="probe", image="file:///", callback=callback)
     except ValidationError:
         probe = None
-    if probe is not None and probe.callback:
-        handled = runtime.service.fail(
+    if probe is not None:  # an invalid callback is no place to answer
+        handled = runtime.service.answer(
             ModerationRequest.model_construct(
                 request_id=request_id, image=image, callback=probe.callback, metadata={}
             ),
@@ -241,6 +266,7 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
         return
     try:
         check_visibility_timeout(settings)
+        _check_pool(getattr(sender, "pool_cls", None))
         runtime = get_runtime(settings, app.send_task)
     except Exception as exc:
         # Celery logs and swallows exceptions from signal handlers, then consumes anyway:
@@ -251,6 +277,17 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
 
         start_http_server(settings.metrics_port)
     runtime.start_sweeper(app.send_task)
+
+
+def _check_pool(pool: object) -> None:
+    """The runtime lives in this process, with its batcher and lease threads: a pool that
+    forks children (prefork) would run tasks where those threads do not exist."""
+    name = pool if isinstance(pool, str) else getattr(pool, "__module__", str(pool))
+    if not any(kind in str(name).lower() for kind in ("thread", "solo")):
+        raise ConfigError(
+            f"the {name} pool cannot run modq tasks: start the worker with --pool=threads "
+            "(modq worker does)"
+        )
 
 
 def exit_unready(exc: Exception) -> NoReturn:

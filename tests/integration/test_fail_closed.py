@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -16,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
+from celery import Celery
 from PIL import Image
 
 from tests.conftest import Observe
@@ -127,25 +130,90 @@ def test_a_worker_that_cannot_build_its_runtime_exits_without_taking_a_message(
     )
 
 
-def test_celery_own_command_line_fails_closed_too(
+def _celery(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [str(Path(sys.executable).with_name("celery")), "-A", "worker.celery_app", "worker",
+         "--without-gossip", "--without-mingle", *args],
+        cwd=ROOT, env={"PATH": str(Path(sys.executable).parent), **env},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+
+
+def test_celery_own_command_line_runs_the_same_worker_or_none(
     start_worker: WorkerFactory, tmp_path: Path
 ) -> None:
-    """`celery -A worker.celery_app worker` (Flower users' habit) builds the runtime in the
-    same place and exits the same way."""
+    """`celery -A worker.celery_app worker`, as Flower users start workers: the runtime is
+    built in the same place, so a bad setting exits the same way; and the pool is modq's
+    threads pool whatever the command line asks (a forked prefork child would inherit the
+    runtime without its batcher thread and hang every task until the time limit acked it)."""
+    [image] = _images(tmp_path / "images", 1)
     env = {
         "MODQ_BROKER_URL": start_worker.broker_url,
         "MODQ_CACHE_URL": start_worker.cache_url,
-        "MODQ_MODEL": str(tmp_path / "missing-model"),
+        "MODQ_ALLOWED_ROOTS": str(image.parent),
+        "MODQ_CACHE_DIR": str(tmp_path / "modq-cache"),
         "MODQ_METRICS_PORT": "0",
-        "PATH": str(Path(sys.executable).parent),
     }
-    done = subprocess.run(
-        [str(Path(sys.executable).with_name("celery")), "-A", "worker.celery_app", "worker",
-         "--pool=threads", "--without-gossip", "--without-mingle"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    assert done.returncode == 3, done.stderr[-2000:]
-    assert "MODQ_MODEL" in done.stderr and "ready." not in done.stderr
+    refused = _celery({**env, "MODQ_MODEL": str(tmp_path / "missing-model")})
+    output, _ = refused.communicate(timeout=120)
+    assert refused.returncode == 3, output[-2000:]
+    assert "MODQ_MODEL" in output and "ready." not in output
+    assert _queued(start_worker.broker_url) == (0, 0)
+    collector = Collector(start_worker.broker_url)
+    _send(start_worker.broker_url, [("celery-cli-1", image.as_uri())])
+    worker = _celery(env, "--pool=prefork")
+    try:
+        collector.wait_for(1, timeout=90)
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        output, _ = worker.communicate(timeout=60)
+    [result] = collector.results["celery-cli-1"]
+    assert result.status is Status.OK
+    assert "(thread)" in output, "the worker did not run modq's threads pool"
+
+
+def test_a_forking_pool_is_refused() -> None:
+    from celery.concurrency import get_implementation
+
+    from worker.errors import ConfigError
+    from worker.tasks import _check_pool
+
+    for pool in ("threads", "solo", get_implementation("threads")):
+        _check_pool(pool)
+    for pool in ("prefork", get_implementation("prefork"), "eventlet"):
+        with pytest.raises(ConfigError, match="--pool=threads"):
+            _check_pool(pool)
+
+
+def test_a_message_of_the_wrong_shape_is_answered_not_dropped(
+    start_worker: WorkerFactory, tmp_path: Path
+) -> None:
+    """A foreign producer calling the task with other arguments: Celery would raise before
+    the task body and ack the message with nothing. Each gets `invalid_request` at the
+    default callback and a dead letter."""
+    [image] = _images(tmp_path / "images", 1)
+    start_worker({"MODQ_ALLOWED_ROOTS": str(image.parent), "MODQ_DEFAULT_CALLBACK": CALLBACK})
+    collector = Collector(start_worker.broker_url)
+    valid = {"request_id": "shape-ok", "image": image.as_uri()}
+    app = Celery(broker=start_worker.broker_url)
+    shapes = {
+        "shape-none": ((), {}),
+        "shape-extra": ((valid,), {"extra": 1}),
+        "shape-named": ((), {"msg": valid}),
+        "shape-two": ((valid, valid), {}),
+    }
+    for task_id, (args, kwargs) in shapes.items():
+        app.send_task("modq.moderate", args=args, kwargs=kwargs, queue="modq", task_id=task_id)
+    app.send_task("modq.moderate", kwargs={"message": valid}, queue="modq", task_id="shape-ok")
+    collector.wait_for(len(shapes) + 1, timeout=60)
+    for task_id in shapes:
+        [result] = collector.results[task_id]
+        assert result.error is not None and result.error.code == "invalid_request", task_id
+    assert collector.results["shape-ok"][0].status is Status.OK
+    dead = drain(start_worker.broker_url, "modq.dead")
+    assert sorted(d[0][0]["result"]["request_id"] for d in dead) == sorted(shapes)
+    assert _queued(start_worker.broker_url) == (0, 0)
+    app.close()
 
 
 # --- a failure at any stage ends in a result or a requeue ------------------------------------

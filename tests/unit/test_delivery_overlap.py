@@ -20,7 +20,7 @@ from PIL import Image
 from worker.cache import MemoryResultStore
 from worker.cache.leases import LeaseKeeper, MemoryLeases
 from worker.callbacks import MemoryPublisher
-from worker.errors import StorageUnavailable
+from worker.errors import CacheUnavailable, InvalidRequest, ObjectNotFound, StorageUnavailable
 from worker.messages import ModerationRequest, Status, Verdict
 from worker.models.backend import Backend
 from worker.models.factory import create_backend
@@ -205,9 +205,7 @@ def test_a_lease_held_too_long_is_a_retryable_wait(backend: Backend) -> None:
     store = SlowStore({"s3://mem/a.jpg": _jpeg(1)}, delay_s=0)
     rules = DeliveryRules(lease_wait_s=0.3, lease_poll_s=0.01)
     with _service(backend, store, leases, rules=rules) as service, pytest.raises(LeaseBusy):
-        service.handle(
-            ModerationRequest(request_id="r4", image="s3://mem/a.jpg"), may_retry=True
-        )
+        service.handle(ModerationRequest(request_id="r4", image="s3://mem/a.jpg"), may_retry=True)
     assert store.reads == []
 
 
@@ -297,3 +295,88 @@ def test_suspects_run_one_at_a_time_and_fresh_requests_together(backend: Backend
         )
     assert all(getattr(h, "result", None) is not None for h in fresh), fresh
     assert store.most_at_once > 1, "fresh requests run side by side"
+
+
+def test_an_error_answered_outside_the_lease_never_replaces_the_holders_verdict(
+    backend: Backend, tmp_path: Path
+) -> None:
+    """An invalid message claiming a request id, or a last-resort answer, publishes its error
+    but stores nothing: the real request's stored verdict (here: blocked, its move not yet
+    done, its holder dead) still decides what every later delivery answers."""
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    source = uploads / "a.jpg"
+    source.write_bytes(_jpeg(5))
+    local = LocalStore([uploads])
+    quarantine = LocalQuarantine(tmp_path / "quarantine", local)
+    with _service(backend, local, MemoryLeases(), quarantine=quarantine) as service:
+        request = ModerationRequest(
+            request_id="twin", image=file_ref(source), callback=HOOK, policy="block-all"
+        )
+        assessed = service._moderate(request)
+        service._store(assessed, may_retry=True)  # the holder stored its verdict and died
+        twin = ModerationRequest.model_construct(
+            request_id="twin", image="", callback=HOOK, metadata={}
+        )
+        answered = service.answer(twin, InvalidRequest("invalid request: 1 problem(s)"))
+        assert answered.result.error is not None
+        handled = service.handle(request, may_retry=True)
+    assert handled.result.verdict is Verdict.BLOCK
+    assert handled.result.action is not None and handled.result.action.kind == "quarantine_move"
+    assert not source.exists()
+
+
+def test_an_action_that_fails_for_good_is_the_stored_answer(backend: Backend) -> None:
+    class Unmovable:
+        action = "move"
+
+        def handles(self, ref: str) -> bool:
+            return True
+
+        def apply(self, ref: str, sha256: str, record: dict[str, Any]) -> str:
+            raise ObjectNotFound("the source is gone")
+
+    store = SlowStore({"s3://mem/a.jpg": _jpeg(1)}, delay_s=0)
+    with _service(backend, store, MemoryLeases(), quarantine=Unmovable()) as service:
+        request = ModerationRequest(
+            request_id="stuck", image="s3://mem/a.jpg", callback=HOOK, policy="block-all"
+        )
+        first = service.handle(request, may_retry=True)
+        again = service.handle(request, may_retry=True)
+    assert first.result.error is not None and first.result.error.code == "not_found"
+    assert again.republished and again.result == first.result, "a second, different answer"
+
+
+def test_a_release_that_cannot_reach_redis_is_retried_so_no_death_is_counted() -> None:
+    class Flaky(MemoryLeases):
+        down = False
+
+        def end(self, request_id: str, token: str) -> None:
+            if self.down:
+                raise CacheUnavailable("lease store (redis) end failed: timeout")
+            super().end(request_id, token)
+
+    store = Flaky()
+    keeper = LeaseKeeper(store, 0.3)
+    taken = keeper.acquire("r")
+    assert taken is not None
+    store.begin("r")
+    store.down = True
+    keeper.release("r", taken[0])  # a clean end that Redis did not hear of
+    store.down = False
+    time.sleep(0.5)  # the keeper's thread tries again
+    keeper.close()
+    assert store.acquire("r", "next", 1) == 0, "a clean end was left counted as a death"
+
+
+def test_a_holder_whose_lease_was_taken_over_keeps_the_new_holders_count() -> None:
+    store = MemoryLeases()
+    assert store.acquire("r", "old", 0.05) == 0
+    store.begin("r")
+    time.sleep(0.1)  # the old holder's renewals failed; its lease lapsed
+    assert store.acquire("r", "new", 5) == 1
+    store.begin("r")
+    store.end("r", "old")  # the old one finishes late
+    assert store.acquire("r", "third", 5) is None, "the new holder's lease was freed"
+    store.end("r", "new")
+    assert store.acquire("r", "third", 5) == 0

@@ -295,3 +295,20 @@ def test_every_front_end_resolves_the_banks_as_modq_bank_does() -> None:
         assert gate.required is (explicit == "MODQ_BANK_URL")
         gate.close()
     assert BankGate.from_settings(Settings(cache_url=None)) is None
+
+
+def test_a_worker_waits_for_the_bank_list_until_it_has_read_it_once() -> None:
+    """A worker that started while the built-in default Redis was away cannot tell whether
+    banks are on: its images wait until one read succeeds (`modq scan` goes on without)."""
+    store = _Flaky()
+    store.add("known", ["f" * 64], source="test")
+    store.down = True
+    worker = BankGate(store, refresh_s=0, until_read=True)
+    worker.probe()  # the default Redis, unreachable: a warning, not a refusal
+    with pytest.raises(BankUnavailable):
+        worker.active()
+    scan = BankGate(store, refresh_s=0)
+    scan.probe()
+    assert not scan.active()
+    store.down = False
+    assert worker.active(), "once readable, the banks apply"

@@ -13,7 +13,9 @@ cannot be read:
   banks (in ``modq scan``, an error result), never an answer without them;
 - a process on the fallback that found no enabled bank classifies without banks through a
   later outage, as it does without the verdict cache: a deployment that uses no banks keeps
-  working while that Redis is down.
+  working while that Redis is down. A worker (``until_read``) must first have read the list
+  once: one that started while the built-in default Redis was unreachable makes its images
+  wait until a read succeeds; only ``modq scan`` goes on without banks then.
 
 The list of enabled banks is read at most every ``refresh_s`` seconds: a bank added or
 disabled takes effect within that time. Images whose PDQ quality is under the gate (flat,
@@ -48,12 +50,16 @@ class BankGate:
         *,
         required: bool = False,
         explicit: str | None = None,
+        until_read: bool = False,
     ) -> None:
         """``required``: every failed read is ``BankUnavailable``; ``explicit``: the setting
-        that named the store, which must be readable before the first image."""
+        that named the store, which must be readable before the first image; ``until_read``:
+        failed reads are ``BankUnavailable`` until one read has succeeded (a worker)."""
         self.store = store
         self.required = required
         self.explicit = explicit
+        self.until_read = until_read
+        self._read_once = False
         self.max_distance = max_distance
         self.quality_min = quality_min
         self.refresh_s = refresh_s
@@ -64,7 +70,7 @@ class BankGate:
         self._ever_enabled = False
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> BankGate | None:
+    def from_settings(cls, settings: Settings, *, until_read: bool = False) -> BankGate | None:
         """The gate over the banks ``modq bank`` writes to (``MODQ_BANK_URL``, else
         ``MODQ_CACHE_URL``), with the settings' limits; ``None`` when both are empty."""
         from worker.banks.redis import RedisBankStore
@@ -78,6 +84,7 @@ class BankGate:
             settings.bank_quality_min,
             required=settings.bank_url is not None,
             explicit=_explicit_setting(settings),
+            until_read=until_read,
         )
 
     def active(self) -> bool:
@@ -90,7 +97,7 @@ class BankGate:
                 banks = self.store.banks()
             except BankUnavailable as exc:
                 self._read_at = now  # back off: an unreachable Redis is not asked per image
-                if self.required or self._ever_enabled:
+                if self.required or self._ever_enabled or (self.until_read and not self._read_once):
                     raise
                 log.warning("hash banks unreadable; none seen yet, classifying", error=str(exc))
                 return False
@@ -100,6 +107,7 @@ class BankGate:
     def _record(self, banks: list[BankInfo], now: float) -> None:
         self._enabled = tuple(b.name for b in banks if b.enabled)
         self._read_at = now
+        self._read_once = True
         self._ever_enabled = self._ever_enabled or bool(self._enabled)
 
     def probe(self) -> None:

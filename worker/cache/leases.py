@@ -27,6 +27,7 @@ from typing import Protocol
 import redis
 
 from worker.cache.redis import DEFAULT_BREAKER_S, DEFAULT_TIMEOUT_S, CircuitBreaker, redis_client
+from worker.errors import CacheUnavailable
 from worker.log import get_logger
 
 __all__ = ["LeaseKeeper", "LeaseStore", "MemoryLeases", "RedisLeases"]
@@ -46,10 +47,13 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+# A lease taken over by another delivery keeps that delivery's count.
 _END = """
-redis.call('DEL', KEYS[2])
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-    redis.call('DEL', KEYS[1])
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+    redis.call('DEL', KEYS[1], KEYS[2])
+elseif not holder then
+    redis.call('DEL', KEYS[2])
 end
 return 1
 """
@@ -65,8 +69,9 @@ class LeaseStore(Protocol):
     def begin(self, request_id: str) -> int:
         """Count one more delivery that starts work; returns the count."""
 
-    def end(self, request_id: str, token: str | None) -> None:
-        """The delivery ended without its process dying: clear the count, free the lease."""
+    def end(self, request_id: str, token: str) -> None:
+        """The delivery ended without its process dying: free the lease and clear the count,
+        unless another delivery has taken the lease over since."""
 
 
 class MemoryLeases:
@@ -99,12 +104,15 @@ class MemoryLeases:
             self._counts[request_id] = self._counts.get(request_id, 0) + 1
             return self._counts[request_id]
 
-    def end(self, request_id: str, token: str | None) -> None:
+    def end(self, request_id: str, token: str) -> None:
         with self._lock:
-            self._counts.pop(request_id, None)
             held = self._leases.get(request_id)
+            live = held is not None and held[1] > self._clock()
             if held is not None and held[0] == token:
                 del self._leases[request_id]
+                self._counts.pop(request_id, None)
+            elif not live:
+                self._counts.pop(request_id, None)
 
 
 class RedisLeases:
@@ -158,9 +166,9 @@ class RedisLeases:
         value = self.breaker.call("begin", count)
         return int(value) if isinstance(value, int | str) else 0
 
-    def end(self, request_id: str, token: str | None) -> None:
+    def end(self, request_id: str, token: str) -> None:
         keys = self._keys(request_id)
-        self.breaker.call("end", lambda: self._end(keys, [token or ""]))
+        self.breaker.call("end", lambda: self._end(keys, [token]))
 
     def close(self) -> None:
         if self._owns_client:
@@ -169,12 +177,15 @@ class RedisLeases:
 
 class LeaseKeeper:
     """Takes leases with fresh tokens and renews every lease this process holds from one
-    thread, every third of the TTL, until it is released."""
+    thread, every third of the TTL, until it is released. A release that cannot reach Redis
+    is tried again by the same thread: a delivery that ended must not stay counted as one
+    whose process died."""
 
     def __init__(self, store: LeaseStore, ttl_s: float) -> None:
         self.store = store
         self.ttl_s = ttl_s
         self._held: dict[str, str] = {}
+        self._unended: dict[tuple[str, str], None] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -194,16 +205,29 @@ class LeaseKeeper:
                 self._thread.start()
         return token, count
 
-    def release(self, request_id: str, token: str | None) -> None:
+    def release(self, request_id: str, token: str) -> None:
         with self._lock:
-            if token is not None and self._held.get(request_id) == token:
+            if self._held.get(request_id) == token:
                 del self._held[request_id]
-        self.store.end(request_id, token)
+        try:
+            self.store.end(request_id, token)
+        except CacheUnavailable as exc:
+            log.warning("lease release deferred", request_id=request_id, error=str(exc))
+            with self._lock:
+                self._unended[(request_id, token)] = None
 
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):
             with self._lock:
                 held = list(self._held.items())
+                unended = list(self._unended)
+            for request_id, token in unended:
+                try:
+                    self.store.end(request_id, token)
+                except Exception:
+                    continue
+                with self._lock:
+                    self._unended.pop((request_id, token), None)
             for request_id, token in held:
                 try:
                     if not self.store.renew(request_id, token, self.ttl_s):
