@@ -101,27 +101,29 @@ def _child(args: argparse.Namespace) -> None:
     limits = DecodeLimits(**json.loads(args.limits))
     draft = min(draft_size(card) for card in cards)
 
-    def classify(frames: tuple[Image.Image, ...]) -> None:
-        for card in cards:
-            batch = np.stack([preprocess(card, frame) for frame in frames])
-            for preset, backend in backends.items():
-                if preset in card.id.lower():
-                    backend.forward(batch)
+    def classify(frames: tuple[Image.Image, ...], preset: str | None) -> None:
+        for card, name in zip(cards, PRESETS, strict=True):
+            if preset in (None, name):
+                np.stack([preprocess(card, frame) for frame in frames])
+        for name, backend in backends.items():  # a look-alike has its own (tiny) input size
+            if preset in (None, name):
+                backend.forward(np.stack([backend.preprocess(frame) for frame in frames]))
 
-    def run(blob: bytes) -> tuple[str, int]:
+    def run(blob: bytes, preset: str | None) -> tuple[str, int]:
         try:
             decoded = decode(blob, limits, draft)
         except ModqError as exc:
             return exc.code, 0
-        classify(decoded.frames)
+        classify(decoded.frames, preset)
         return "classified", len(decoded.frames)
 
     photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (480, 640, 3), np.uint8))
     buffer = io.BytesIO()
     photo.save(buffer, "JPEG")
-    run(buffer.getvalue())  # warm-up: first-call costs are the worker's, not the input's
+    run(buffer.getvalue(), None)  # warm-up: first-call costs are the worker's, not the input's
     del photo, buffer
-    for path in args.inputs:
+    presets: list[str | None] = list(PRESETS) if args.per_preset else [None]
+    for path, preset in ((path, preset) for path in args.inputs for preset in presets):
         strip = Path(path).name.removesuffix(".strip") if path.endswith(".strip") else None
         data = b"" if strip else Path(path).read_bytes()
         gc.collect()
@@ -129,10 +131,10 @@ def _child(args: argparse.Namespace) -> None:
         rss, maxrss, cpu = _status_kib("VmRSS"), _maxrss_kib(), _cpu_s()
         if strip:
             width, height = (int(side) for side in strip.split("x"))
-            classify((Image.new("RGB", (width, height), (90, 140, 200)),))
+            classify((Image.new("RGB", (width, height), (90, 140, 200)),), preset)
             outcome, frames = "classified", 1
         else:
-            outcome, frames = run(data)
+            outcome, frames = run(data, preset)
         took = _cpu_s() - cpu
         peak = (_status_kib("VmHWM") if exact else _maxrss_kib()) - rss
         result = {
@@ -142,7 +144,8 @@ def _child(args: argparse.Namespace) -> None:
             "maxrss_mib": (_maxrss_kib() - maxrss) / 1024,
             "frames": frames,
         }
-        print(MARKER + json.dumps({"input": Path(path).name} | result), flush=True)
+        name = Path(path).name + (f"@{preset}" if preset else "")
+        print(MARKER + json.dumps({"input": name} | result), flush=True)
 
 
 def _maxrss_kib() -> int:
@@ -166,10 +169,13 @@ def measure_budget(
     forward: dict[str, Path] | None = None,
     cpu_limit_s: int = 120,
     address_space_gib: int = 12,
+    per_preset: bool = False,
 ) -> dict[str, Budget]:
     """Run each input through decode and every preset's preprocess, in turn, in one fresh
     child; an input given as ``(width, height)`` is an in-memory image for preprocess alone.
-    An input the child did not finish (and those after it) reports ``killed``."""
+    ``per_preset``: each preset measured on its own (a worker runs one), keyed
+    ``name@preset``. An input the child did not finish (and those after it) reports
+    ``killed``."""
     work.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, data in inputs.items():
@@ -185,6 +191,7 @@ def measure_budget(
     for preset, folder in (forward or {}).items():
         argv += ["--forward", f"{preset}={folder}"]
     argv += ["--cpu-limit", str(cpu_limit_s), "--address-space-gib", str(address_space_gib)]
+    argv += ["--per-preset"] if per_preset else []
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     run = subprocess.run(
         argv, cwd=ROOT, capture_output=True, text=True, timeout=4 * cpu_limit_s, env=env
@@ -197,7 +204,12 @@ def measure_budget(
             done[name] = Budget(**report)
     tail = (run.stdout + run.stderr)[-400:].strip().replace("\n", " | ")
     killed = Budget(f"killed: exit {run.returncode}: {tail}", float(cpu_limit_s), 0.0, 0.0)
-    return {name: done.get(path.name, killed) for name, path in zip(inputs, paths, strict=True)}
+    suffixes = [f"@{preset}" for preset in PRESETS] if per_preset else [""]
+    results = {}
+    for name, path in zip(inputs, paths, strict=True):
+        for suffix in suffixes:
+            results[name + suffix] = done.get(path.name + suffix, killed)
+    return results
 
 
 def _main(argv: list[str]) -> int:
@@ -207,6 +219,7 @@ def _main(argv: list[str]) -> int:
     parser.add_argument("--forward", action="append", default=[], help="PRESET=LOOKALIKE_DIR")
     parser.add_argument("--cpu-limit", type=int, default=60)
     parser.add_argument("--address-space-gib", type=int, default=12)
+    parser.add_argument("--per-preset", action="store_true")
     args = parser.parse_args(argv)
     resource.setrlimit(resource.RLIMIT_CPU, (args.cpu_limit, args.cpu_limit + 5))
     space = args.address_space_gib << 30

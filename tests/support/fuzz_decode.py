@@ -10,8 +10,10 @@ its arguments to ``current.json``, so whatever kills the child, the input surviv
 
 Two modes, both through :func:`run_child`:
 
-* fuzz (:func:`fuzz`): random bytes and structured mutations of valid images, for a time
-  budget; the run stops at the first input that breaks the contract (:func:`check_decoded`);
+* fuzz (:func:`fuzz`): random bytes, structured mutations of valid images and valid headers
+  with hostile counts and sizes (:func:`structured_input`, ``--mix structured`` for nothing
+  else), for a time budget; the run stops at the first input that breaks the contract
+  (:func:`check_decoded`);
 * measure (:func:`measure`): one input, with its time, peak-RSS growth and Python-traced peak.
 
 Reproduce a saved input (same limits, same address-space cap)::
@@ -27,6 +29,7 @@ import faulthandler
 import hashlib
 import io
 import json
+import math
 import os
 import random
 import resource
@@ -287,12 +290,67 @@ def _format_of(seed: bytes) -> str:
     return "?"
 
 
-def inputs(rng: random.Random) -> Iterator[tuple[str, bytes, int | None]]:
-    """(source, data, draft) forever: a fifth random bytes, the rest mutated images."""
+def _count(rng: random.Random, top: int) -> int:
+    """Log-uniform in 1..top: mostly small counts, now and then one near or past a cap."""
+    return int(math.exp(rng.uniform(0.0, math.log(top))))
+
+
+def structured_input(rng: random.Random) -> tuple[str, bytes]:
+    """A valid header with hostile counts and sizes (``tests/support/hostile_images``), drawn
+    at random around and past the default caps, and mutated now and then."""
+    from tests.support import hostile_images as hostile
+
+    side = rng.choice((1, 4, 64, 500, 2000))
+    makers: dict[str, Callable[[], bytes]] = {
+        "jpeg scans": lambda: hostile.jpeg_progressive(
+            _count(rng, 300), side=rng.choice((8, 64, 512, 2048))
+        ),
+        "jpeg segments": lambda: hostile.jpeg_segments(
+            _count(rng, 250_000), rng.choice((0xFE, 0xE1, 0xE2))
+        ),
+        "png chunks": lambda: hostile.png_chunks(_count(rng, 90_000), rng.random() < 0.5),
+        "apng frames": lambda: hostile.apng_frames(_count(rng, 200), side=max(side, 2)),
+        "gif frames": lambda: hostile.gif_frames(_count(rng, 2_000), side=side),
+        "gif canvas": lambda: hostile.gif_growing_canvas(_count(rng, 10) + 1),
+        "gif extensions": lambda: hostile.gif_extensions(_count(rng, 300_000)),
+        "webp frames": lambda: hostile.webp_frames(_count(rng, 300), side=side),
+        "tiff pages": lambda: hostile.tiff_pages(_count(rng, 3_000)),
+        "tiff loop": hostile.tiff_ifd_loop,
+        "tiff strips": lambda: hostile.tiff_strips(
+            _count(rng, 250_000), side=rng.choice((1, 16, 300))
+        ),
+        "tiff tile": lambda: hostile.tiff_huge_tile(
+            rng.choice((1, 16, 300)), rng.choice((16, 256, 4096, 65520)), rng.choice((1, 8))
+        ),
+        "bmp rle": lambda: hostile.bmp_rle_commands(
+            _count(rng, 300_000), _count(rng, 3_000), _count(rng, 3_000)
+        ),
+        "png aspect": lambda: _strip(rng),
+    }
+    kind = rng.choice(sorted(makers))
+    data = makers[kind]()
+    if rng.random() < 0.3:
+        return f"structured {kind}, mutated", mutate(rng, data, seed_images())
+    return f"structured {kind}", data
+
+
+def _strip(rng: random.Random) -> bytes:
+    from tests.support.hostile_images import png_strip
+
+    long_side, short_side = _count(rng, 200_000), _count(rng, 64)
+    long_side = min(long_side, 4_000_000 // short_side)  # to keep generating it cheap
+    return png_strip(*((long_side, short_side) if rng.random() < 0.5 else (short_side, long_side)))
+
+
+def inputs(rng: random.Random, mix: str = "mixed") -> Iterator[tuple[str, bytes, int | None]]:
+    """(source, data, draft) forever. ``mixed``: a fifth random bytes, a tenth valid headers
+    with hostile counts, the rest mutated images; ``structured``: only the hostile headers."""
     seeds = seed_images()
     while True:
         draft = rng.choice((None, 64, 512))
-        if rng.random() < 0.2:
+        if mix == "structured" or rng.random() < 0.1:
+            yield (*structured_input(rng), draft)
+        elif rng.random() < 0.2:
             yield "random", random_input(rng), draft
         else:
             seed = rng.choice(seeds)
@@ -392,7 +450,7 @@ def _fuzz_loop(args: argparse.Namespace, limits: DecodeLimits, out: Path) -> dic
     started = time.monotonic()
     deadline = started + args.seconds
     summary: dict[str, Any] = {"failure": None}
-    for index, (source, data, draft) in enumerate(inputs(rng)):
+    for index, (source, data, draft) in enumerate(inputs(rng, args.mix)):
         if time.monotonic() >= deadline:
             break
         recorder.record(data, {"index": index, "source": source, "draft": draft})
@@ -459,6 +517,7 @@ def _child_main(argv: list[str]) -> int:
     parser.add_argument("--measure", default=None, help="measure one input (a file)")
     parser.add_argument("--replay", default=None, help="run one saved input (a file)")
     parser.add_argument("--draft", type=int, default=None)
+    parser.add_argument("--mix", choices=("mixed", "structured"), default="mixed")
     args = parser.parse_args(argv)
     if resource.getrlimit(resource.RLIMIT_AS)[0] == resource.RLIM_INFINITY:
         _limit_resources(ADDRESS_SPACE)  # run by hand; run_child sets it before any import
@@ -616,16 +675,18 @@ def fuzz(
     target: str = DEFAULT_TARGET,
     input_seconds: float = 5.0,
     limits: DecodeLimits | None = None,
+    mix: str = "mixed",
 ) -> FuzzRun:
     """Fuzz ``target`` for ``seconds`` in a capped child, under ``limits`` (FUZZ_LIMITS unless
-    given); a broken contract is saved to ``failures``: the path is printed and in
-    ``result.failure_input``."""
+    given), on ``mix`` inputs (see :func:`inputs`); a broken contract is saved to
+    ``failures``: the path is printed and in ``result.failure_input``."""
     args = _argv(
         seconds=seconds,
         seed=seed,
         target=target,
         input_seconds=input_seconds,
         limits=asdict(limits or FUZZ_LIMITS),
+        mix=mix,
     )
     started = time.monotonic()
     # Past the budget: the child's start-up, the seed images, and one input's alarm.

@@ -286,7 +286,7 @@ def tiff_strips(strips: int, side: int = 16) -> bytes:
         (278, 3, 1, 1),
         (279, 3, strips, counts_at),
     ]
-    pixels = bytes(range(side)) + b"\x00" * (side % 2)
+    pixels = bytes(i % 256 for i in range(side)) + b"\x00" * (side % 2)
     offsets = struct.pack(f"<{strips}H", *([data_at] * strips))
     counts = struct.pack(f"<{strips}H", *([side] * strips))
     header = b"II*\x00" + struct.pack("<I", ifd_at)

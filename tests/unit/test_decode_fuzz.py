@@ -90,6 +90,49 @@ def test_decoder_fuzz_for_a_fixed_budget(tmp_path: Path, observe: Observe) -> No
     assert {"corrupt_image", "unsupported_format", "too_many_pixels"} <= set(run.codes), summary
 
 
+#: the structure-aware run's budget, and the shipped caps it runs at: the walk's caps are what
+#: it tests, so they are the defaults, with FUZZ_LIMITS' byte, pixel and frame caps
+STRUCTURED_BUDGET = scaled(20, 300)
+STRUCTURED_LIMITS = FUZZ_LIMITS
+
+
+def test_structure_aware_fuzz_for_a_fixed_budget(tmp_path: Path, observe: Observe) -> None:
+    """Valid headers with hostile counts and sizes drawn at random (progressive scans, marker
+    segments, chunks, frames, canvases, pages, strips, tiles, RLE commands, aspect ratios),
+    some mutated: each ends in a typed error or RGB frames, within the per-input alarm and
+    the child's address-space cap."""
+    run = fuzz(
+        STRUCTURED_BUDGET,
+        tmp_path / "work",
+        FAILURES,
+        seed=_seed(),
+        input_seconds=INPUT_SECONDS,
+        limits=STRUCTURED_LIMITS,
+        mix="structured",
+    )
+    summary, failed = run.result.summary, run.result.failure is not None
+    observe(
+        "image.fuzz_structure",
+        _observed(run),
+        sent=run.executed + failed,
+        received=run.executed,
+        lost=int(failed),
+        scale="full" if full_scale() else "ci",
+        extra={"seed": run.seed, "inputs_per_s": round(run.per_second)}
+        | {k: summary[k] for k in ("peak_rss_mib", "slowest_s", "decoded") if k in summary},
+    )
+    assert not failed, (
+        f"{run.result.failure}\ninput: {run.result.failure_input}\n"
+        f"reproduce: {run.result.reproduce}\n{run.result.output}"
+    )
+    assert summary["peak_rss_mib"] < summary["address_space_mib"]
+    assert summary["slowest_s"] < INPUT_SECONDS
+    kinds = {source.split(",")[0] for source in summary["sources"]}
+    assert len(kinds) >= 10, summary["sources"]  # the budget bought most classes
+    assert summary["decoded"] >= 1, summary  # not all refused: counts below the caps pass
+    assert {"too_complex", "too_many_frames"} <= set(run.codes), summary
+
+
 @pytest.mark.parametrize(
     ("target", "input_seconds", "failure"),
     [

@@ -14,13 +14,14 @@ import struct
 import zlib
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from tests.conftest import Observe
-from tests.support.budget import Budget, measure_budget
+from tests.support.budget import Budget, measure_budget, preset_cards
 from tests.support.hostile_images import (
     AT_CAPS,
     HOSTILE,
@@ -46,6 +47,7 @@ from worker.errors import (
     TooManyFrames,
     TooManyPixels,
 )
+from worker.models.preprocess import preprocess
 from worker.structure import check_structure
 
 LIMITS = DecodeLimits()
@@ -132,11 +134,16 @@ def test_every_hostile_class_is_refused_within_the_budget(
         assert budgets[name].outcome == "classified", budgets[name]
 
 
-def test_the_dearest_input_under_each_cap_is_classified_within_the_budget(
+def test_the_dearest_input_under_each_cap_is_classified_within_the_budget_by_every_preset(
     tmp_path: Path, observe: Observe
 ) -> None:
+    """Every preset's preprocessing, and a look-alike's forward pass (Marqo's layout, random
+    weights: the real weights cannot be fetched here) on every classified frame."""
+    from worker.models.lookalike import build_lookalike
+
+    marqo = build_lookalike("marqo", tmp_path / "marqo", seed=11, tiny=True)
     inputs = {name: make() for name, make in AT_CAPS.items()}
-    budgets = measure_budget(inputs, tmp_path)
+    budgets = measure_budget(inputs, tmp_path / "work", forward={"marqo": marqo}, per_preset=True)
     observe(
         "image.at_the_caps",
         _describe(budgets),
@@ -149,8 +156,9 @@ def test_the_dearest_input_under_each_cap_is_classified_within_the_budget(
         assert budget.within, (name, budget)
     # Under the caps these are images, not refusals (except the APNG, whose 1x1 patches past
     # the first frame Pillow may refuse): the caps are not set so low that they refuse all.
-    classified = {name for name, b in budgets.items() if b.outcome == "classified"}
+    classified = {name.split("@")[0] for name, b in budgets.items() if b.outcome == "classified"}
     assert set(AT_CAPS) - {"apng_500m_walk"} <= classified, budgets
+    assert len(budgets) == 5 * len(AT_CAPS)  # each on its own for every preset
 
 
 # --- the structure walk is what refuses ----------------------------------------------------
@@ -314,3 +322,32 @@ def test_png_chunks_written_by_zlib_streams_of_many_idats_pass() -> None:
     assert data.count(b"IDAT") >= 4000
     check_structure(data, LIMITS)
     assert np.array_equal(np.asarray(decode(data, LIMITS).frames[0])[:, :, 0], noise)
+
+
+# --- preprocessing: the bounded paths give the full resize's pixels ---------------------------
+
+
+def _levels(card: Any, array: np.ndarray) -> np.ndarray:
+    """Back to 0..255 levels: what a difference in the model's input amounts to."""
+    if card.crop == "caffe":
+        return array
+    return array * np.asarray(card.std, np.float32)[:, None, None] * 255.0
+
+
+@pytest.mark.parametrize("size", [(30, 2000), (2000, 30), (640, 427)], ids=str)
+def test_bounded_resizes_match_the_full_resize(
+    size: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the one-pass threshold lowered so every resize takes the bounded path (crop box
+    in source coordinates; rows first), each preset's input is the full path's to within a
+    few levels, and the same on average."""
+    image = _photo(*size, seed=3)
+    for card in preset_cards():
+        full = preprocess(card, image)
+        monkeypatch.setattr("worker.models.preprocess.MAX_INTERMEDIATE_PIXELS", 1000)
+        bounded = preprocess(card, image)
+        monkeypatch.undo()
+        diff = np.abs(_levels(card, bounded) - _levels(card, full))
+        assert bounded.shape == full.shape
+        assert diff.mean() < 0.5, (card.id, size, diff.mean())
+        assert diff.max() <= 8, (card.id, size, diff.max())

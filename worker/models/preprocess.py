@@ -27,7 +27,8 @@ _PIL_INTERPOLATION = {
 
 CAFFE_RESIZE = 256
 CAFFE_MEAN_BGR = np.array([104.0, 117.0, 123.0], dtype=np.float32)
-#: the largest intermediate a squash resize may build in one pass (see _squash_resize)
+#: the largest intermediate image a resize may build in one pass (see _center and
+#: _squash_resize); ordinary images stay far below it and take the authors' exact path
 MAX_INTERMEDIATE_PIXELS = 16_000_000
 
 
@@ -65,13 +66,18 @@ def _center(card: ModelCard, image: Image.Image) -> np.ndarray:
     # torchvision CenterCrop rounds the offset.
     left = round((new[0] - size) / 2.0)
     top = round((new[1] - size) / 2.0)
-    # Resize only the crop, as a box in source coordinates at the full resize's scale: Pillow
-    # gives the same pixels (each output pixel's filter depends on the scale and its centre
-    # alone) without building the long side, which for a 1x100000 strip is 38 million rows.
+    resample = _PIL_INTERPOLATION[card.interpolation]
+    if new[0] * new[1] <= MAX_INTERMEDIATE_PIXELS:
+        resized = image.resize(new, resample=resample)
+        return _normalize(card, resized.crop((left, top, left + size, top + size)))
+    # Past that (a 1x100000 strip would become 384 x 38 million pixels) resize only the
+    # crop, as a box in source coordinates at the full resize's scale: each output pixel's
+    # filter depends on the scale and its centre alone, so the pixels are those of the full
+    # resize but for rounding (a level or two where a fixed-point weight rounds the other
+    # way); below it, the models' authors' path to the bit.
     scale_x, scale_y = width / new[0], height / new[1]
     box = (left * scale_x, top * scale_y, (left + size) * scale_x, (top + size) * scale_y)
-    cropped = image.resize((size, size), resample=_PIL_INTERPOLATION[card.interpolation], box=box)
-    return _normalize(card, cropped)
+    return _normalize(card, image.resize((size, size), resample=resample, box=box))
 
 
 def _squash(card: ModelCard, image: Image.Image) -> np.ndarray:
