@@ -21,6 +21,7 @@ of memory after other jobs is replaced and the image tried once more in a fresh 
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import threading
@@ -275,8 +276,7 @@ class DecodePool:
             self._handshake(child)
         self._watchdog.start_cpu(watch)
         child.jobs += 1
-        job = {"limits": asdict(limits), "draft_size": draft_size, "cpu_s": self.backstop.cpu_s}
-        child.jobs_in.write(pack(JOB, job, len(data)))
+        child.jobs_in.write(_job_header(limits, draft_size, self.backstop.cpu_s, len(data)))
         child.jobs_in.write(data)
         child.jobs_in.flush()
         kind, json_len, payload_len = parse_header(child.read(HEADER.size), (FRAMES, ERROR))
@@ -321,6 +321,18 @@ class DecodePool:
             )
         log.warning("decoder process crashed", pid=pid, exit=_describe(code))
         return DecoderCrashed(f"the decoder process died on this image ({_describe(code)})")
+
+
+@functools.lru_cache(maxsize=64)
+def _job_document(limits: DecodeLimits, draft_size: int | None, cpu_s: float) -> bytes:
+    # The same few limits come with every image: build their JSON once (asdict deep-copies).
+    job = {"limits": asdict(limits), "draft_size": draft_size, "cpu_s": cpu_s}
+    return pack(JOB, job)[HEADER.size :]
+
+
+def _job_header(limits: DecodeLimits, draft_size: int | None, cpu_s: float, size: int) -> bytes:
+    document = _job_document(limits, draft_size, cpu_s)
+    return HEADER.pack(JOB, len(document), size) + document
 
 
 def _frames(child: DecoderProcess, layout: FrameLayout) -> DecodedImage:
