@@ -110,8 +110,7 @@ SCENARIOS: dict[str, Scenario] = {
     ),
     "fault.overlap": Scenario(
         _F,
-        "every request sent three times at once to three workers; one killed (`kill -9`) "
-        "mid-run",
+        "every request sent three times at once to three workers; one killed (`kill -9`) mid-run",
         "one delivery per request fetches, classifies and acts; the others re-publish its "
         "result: all copies identical, every blocked image in quarantine exactly once",
     ),
