@@ -318,9 +318,10 @@ def tiff_huge_tile(side: int = 16, tile: int = 65520, compression: int = 8) -> b
 # --- BMP -----------------------------------------------------------------------------------
 
 
-def bmp_rle_commands(commands: int, width: int = 1, height: int = 1) -> bytes:
+def bmp_rle_commands(commands: int, width: int = 1, height: int = 2) -> bytes:
     """An 8-bit RLE BMP whose pixel data is ``commands`` one-pixel runs on one row: the
-    decoder clips them to the row and walks every one."""
+    decoder clips all but the first to the row (the second row never comes) and walks
+    every one."""
     palette = b"\x00\x00\x00\x00\xff\xff\xff\x00"
     pixels = b"\x01\x01" * commands + b"\x00\x01"
     offset = 14 + 40 + len(palette)
