@@ -133,13 +133,7 @@ def _moderate(task: Task, runtime: Runtime, message: Any) -> dict[str, Any]:
             if may_retry:
                 raise _retry(task, settings, InternalError.code, exc) from exc
             handled = runtime.service.answer(request, InternalError(f"internal error: {exc!r}"))
-        try:
-            _dead_letter(task, settings, message, handled)
-        except Exception as exc:
-            if may_retry:  # the re-delivery re-publishes the stored result, then dead-letters
-                raise _retry(task, settings, "dead_letter_failed", exc) from exc
-            log.error("dead letter lost; the result was published", error=repr(exc))
-        _forget(runtime, task.request.id)
+        _after_publishing(task, runtime, message, handled, may_retry=may_retry)
         result = handled.result
         log.info(
             "published",
@@ -210,9 +204,26 @@ def _answer_raw(
             ),
             error,
         )
-    _dead_letter(task, runtime.settings, message, handled)
-    _forget(runtime, task.request.id)
+    _after_publishing(task, runtime, message, handled, may_retry=False)
     return {"request_id": request_id, "status": "error"}
+
+
+def _after_publishing(
+    task: Task, runtime: Runtime, message: Any, handled: Handled, *, may_retry: bool
+) -> None:
+    """The answer is out: nothing that fails from here may publish a different one. A dead
+    letter that cannot be sent is retried while retries remain (the re-delivery re-publishes
+    the stored result, then sends it); the producers' record is best effort."""
+    try:
+        _dead_letter(task, runtime.settings, message, handled)
+    except Exception as exc:
+        if may_retry:
+            raise _retry(task, runtime.settings, "dead_letter_failed", exc) from exc
+        log.error("dead letter lost; the result was published", error=repr(exc))
+    try:
+        _forget(runtime, task.request.id)
+    except Exception as exc:  # at worst the sweep re-sends it and the same result goes out
+        log.warning("pending-request record not updated", verb="forget", error=repr(exc))
 
 
 def _forget(runtime: Runtime, task_id: str) -> None:

@@ -155,7 +155,12 @@ def test_celery_own_command_line_runs_the_same_worker_or_none(
         "MODQ_METRICS_PORT": "0",
     }
     refused = _celery({**env, "MODQ_MODEL": str(tmp_path / "missing-model")})
-    output, _ = refused.communicate(timeout=120)
+    try:
+        output, _ = refused.communicate(timeout=120)
+    finally:
+        if refused.poll() is None:  # it did not fail closed: never leave it consuming
+            os.killpg(refused.pid, signal.SIGKILL)
+            refused.communicate(timeout=30)
     assert refused.returncode == 3, output[-2000:]
     assert "MODQ_MODEL" in output and "ready." not in output
     assert _queued(start_worker.broker_url) == (0, 0)
