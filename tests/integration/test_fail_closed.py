@@ -6,7 +6,6 @@ delivered beside it get their verdicts."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -15,15 +14,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import redis
 from celery import Celery
-from PIL import Image
 
 from tests.conftest import Observe
 from tests.integration.conftest import WorkerFactory
 from tests.integration.faults import wait_until
+from tests.support.images import noise_jpeg
 from tests.support.receivers import STREAM, Collector, drain
 from tests.support.worker_process import ROOT, WorkerProcess, free_port
 from worker.client import Client
@@ -36,20 +34,12 @@ CALLBACK = f"redis-stream://{STREAM}"
 FAULT_WORKER = (sys.executable, "-m", "tests.support.fault_worker")
 
 
-def _jpeg(seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    image = Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8))
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG")
-    return buffer.getvalue()
-
-
 def _images(folder: Path, count: int) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(count):
         path = folder / f"{i}.jpg"
-        path.write_bytes(_jpeg(100 + i))
+        path.write_bytes(noise_jpeg(100 + i))
         paths.append(path)
     return paths
 

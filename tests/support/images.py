@@ -12,7 +12,23 @@ from PIL import Image, ImageDraw
 
 from tests.support.corpus import EXAMPLES
 
-__all__ = ["distinct_images", "flat", "recompressed", "reference_scores", "textured"]
+__all__ = [
+    "distinct_images",
+    "flat",
+    "noise_jpeg",
+    "recompressed",
+    "reference_scores",
+    "textured",
+]
+
+
+def noise_jpeg(seed: int) -> bytes:
+    """A small JPEG of random pixels: a distinct, valid upload for delivery tests."""
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG")
+    return buffer.getvalue()
 
 
 def distinct_images(count: int, seed: int, size: int = 224) -> list[bytes]:

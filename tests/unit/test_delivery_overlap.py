@@ -5,7 +5,6 @@ re-publish its result; a delivery count left standing by dead processes ends in
 
 from __future__ import annotations
 
-import io
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -13,10 +12,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-from PIL import Image
 
+from tests.support.images import noise_jpeg
 from worker.cache import MemoryResultStore
 from worker.cache.leases import LeaseKeeper, MemoryLeases
 from worker.callbacks import MemoryPublisher
@@ -33,14 +31,6 @@ from worker.storage import LocalStore, MemoryStore, file_ref
 BLOCK_ALL = Policy("block-all", 0.0, 0.0)
 ALLOW_ALL = Policy("allow-all", 1.0, 1.0)
 HOOK = "redis-stream://results"
-
-
-def _jpeg(seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    image = Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8))
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG")
-    return buffer.getvalue()
 
 
 class SlowStore(MemoryStore):
@@ -122,7 +112,7 @@ def _at_once(works: list[Callable[[], Any]]) -> list[Any]:
 
 
 def test_deliveries_at_once_fetch_once_and_publish_one_result(backend: Backend) -> None:
-    store = SlowStore({"s3://mem/a.jpg": _jpeg(1)})
+    store = SlowStore({"s3://mem/a.jpg": noise_jpeg(1)})
     with _service(backend, store, MemoryLeases()) as service:
         request = ModerationRequest(request_id="r1", image="s3://mem/a.jpg", callback=HOOK)
         handled = _at_once([lambda: service.handle(request, may_retry=True)] * 6)
@@ -141,7 +131,7 @@ def test_deliveries_at_once_move_a_blocked_upload_once(backend: Backend, tmp_pat
     uploads = tmp_path / "uploads"
     uploads.mkdir()
     source = uploads / "a.jpg"
-    source.write_bytes(_jpeg(2))
+    source.write_bytes(noise_jpeg(2))
     local = LocalStore([uploads])
     quarantine = LocalQuarantine(tmp_path / "quarantine", local)
     with _service(backend, local, MemoryLeases(), quarantine=quarantine) as service:
@@ -163,7 +153,7 @@ def test_a_dead_holders_lease_expires_and_the_next_delivery_takes_over(
     backend: Backend,
 ) -> None:
     leases = MemoryLeases()
-    store = SlowStore({"s3://mem/a.jpg": _jpeg(1)}, delay_s=0)
+    store = SlowStore({"s3://mem/a.jpg": noise_jpeg(1)}, delay_s=0)
     assert leases.acquire("r2", "a-dead-worker", 0.5) == 0  # taken, then never renewed
     with _service(backend, store, leases) as service:
         started = time.monotonic()
@@ -177,7 +167,7 @@ def test_a_dead_holders_lease_expires_and_the_next_delivery_takes_over(
 
 def test_a_live_holder_is_waited_for_then_its_result_is_published(backend: Backend) -> None:
     leases = MemoryLeases()
-    store = SlowStore({"s3://mem/a.jpg": _jpeg(1)}, delay_s=0)
+    store = SlowStore({"s3://mem/a.jpg": noise_jpeg(1)}, delay_s=0)
     with _service(backend, store, leases) as service:
         request = ModerationRequest(request_id="r3", image="s3://mem/a.jpg")
         holder = service.leases
@@ -202,7 +192,7 @@ def test_a_live_holder_is_waited_for_then_its_result_is_published(backend: Backe
 def test_a_lease_held_too_long_is_a_retryable_wait(backend: Backend) -> None:
     leases = MemoryLeases()
     assert leases.acquire("r4", "someone-else", 60) == 0
-    store = SlowStore({"s3://mem/a.jpg": _jpeg(1)}, delay_s=0)
+    store = SlowStore({"s3://mem/a.jpg": noise_jpeg(1)}, delay_s=0)
     rules = DeliveryRules(lease_wait_s=0.3, lease_poll_s=0.01)
     with _service(backend, store, leases, rules=rules) as service, pytest.raises(LeaseBusy):
         service.handle(ModerationRequest(request_id="r4", image="s3://mem/a.jpg"), may_retry=True)
@@ -221,7 +211,7 @@ def test_a_request_that_killed_its_workers_is_answered_before_any_work(
     backend: Backend,
 ) -> None:
     leases = MemoryLeases()
-    store = SlowStore({"s3://mem/a.jpg": _jpeg(1)}, delay_s=0)
+    store = SlowStore({"s3://mem/a.jpg": noise_jpeg(1)}, delay_s=0)
     _die_holding(leases, "poison", 3)
     with _service(backend, store, leases, rules=DeliveryRules(max_deliveries=3)) as service:
         handled = service.handle(
@@ -242,7 +232,7 @@ def test_a_request_that_killed_its_workers_is_answered_before_any_work(
 
 def test_deliveries_under_the_limit_still_run(backend: Backend) -> None:
     leases = MemoryLeases()
-    store = SlowStore({"s3://mem/a.jpg": _jpeg(1)}, delay_s=0)
+    store = SlowStore({"s3://mem/a.jpg": noise_jpeg(1)}, delay_s=0)
     _die_holding(leases, "twice", 2)
     with _service(backend, store, leases, rules=DeliveryRules(max_deliveries=3)) as service:
         handled = service.handle(
@@ -256,7 +246,7 @@ def test_a_retry_is_not_a_death(backend: Backend) -> None:
     """A delivery that ends in a retry ended cleanly: its count is cleared, so transient
     failures never add up to ``too_many_deliveries``."""
     leases = MemoryLeases()
-    store = SlowStore({"s3://mem/a.jpg": _jpeg(1)}, delay_s=0)
+    store = SlowStore({"s3://mem/a.jpg": noise_jpeg(1)}, delay_s=0)
     store.fail = True
     with _service(backend, store, leases, rules=DeliveryRules(max_deliveries=1)) as service:
         request = ModerationRequest(request_id="flaky", image="s3://mem/a.jpg")
@@ -278,7 +268,7 @@ def test_suspects_run_one_at_a_time_and_fresh_requests_together(backend: Backend
     """A request whose earlier delivery died with its process runs alone, so a crash it
     causes again is not counted against the requests beside it."""
     leases = MemoryLeases()
-    refs = {f"s3://mem/{i}.jpg": _jpeg(10 + i) for i in range(8)}
+    refs = {f"s3://mem/{i}.jpg": noise_jpeg(10 + i) for i in range(8)}
     store = SlowStore(refs, delay_s=0.2)
     for i in range(4):
         _die_holding(leases, f"suspect-{i}", 1)
@@ -306,7 +296,7 @@ def test_an_error_answered_outside_the_lease_never_replaces_the_holders_verdict(
     uploads = tmp_path / "uploads"
     uploads.mkdir()
     source = uploads / "a.jpg"
-    source.write_bytes(_jpeg(5))
+    source.write_bytes(noise_jpeg(5))
     local = LocalStore([uploads])
     quarantine = LocalQuarantine(tmp_path / "quarantine", local)
     with _service(backend, local, MemoryLeases(), quarantine=quarantine) as service:
@@ -336,7 +326,7 @@ def test_an_action_that_fails_for_good_is_the_stored_answer(backend: Backend) ->
         def apply(self, ref: str, sha256: str, record: dict[str, Any]) -> str:
             raise ObjectNotFound("the source is gone")
 
-    store = SlowStore({"s3://mem/a.jpg": _jpeg(1)}, delay_s=0)
+    store = SlowStore({"s3://mem/a.jpg": noise_jpeg(1)}, delay_s=0)
     with _service(backend, store, MemoryLeases(), quarantine=Unmovable()) as service:
         request = ModerationRequest(
             request_id="stuck", image="s3://mem/a.jpg", callback=HOOK, policy="block-all"

@@ -3,15 +3,13 @@ one result per request, re-deliveries re-publish it, retry vs. dead letter by er
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-from PIL import Image
 
+from tests.support.images import noise_jpeg
 from worker.cache import MemoryResultStore
 from worker.callbacks import MemoryPublisher
 from worker.errors import CacheUnavailable, CallbackFailed, InvalidCallback, StorageUnavailable
@@ -27,14 +25,6 @@ from worker.storage import LocalStore, MemoryStore, file_ref
 BLOCK_ALL = Policy("block-all", 0.0, 0.0)
 ALLOW_ALL = Policy("allow-all", 1.0, 1.0)
 HOOK = "redis-stream://results"
-
-
-def _jpeg(seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    image = Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8))
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG")
-    return buffer.getvalue()
 
 
 class CountingStore(MemoryStore):
@@ -59,7 +49,7 @@ def backend() -> Backend:
 
 @pytest.fixture
 def store() -> CountingStore:
-    return CountingStore({"s3://mem/a.jpg": _jpeg(1), "s3://mem/bad.jpg": _jpeg(4)[:400]})
+    return CountingStore({"s3://mem/a.jpg": noise_jpeg(1), "s3://mem/bad.jpg": noise_jpeg(4)[:400]})
 
 
 def _service(
@@ -119,7 +109,7 @@ def test_a_redelivered_block_does_not_quarantine_twice(
     uploads = tmp_path / "uploads"
     uploads.mkdir()
     source = uploads / "a.jpg"
-    source.write_bytes(_jpeg(2))
+    source.write_bytes(noise_jpeg(2))
     local = LocalStore([uploads])
     quarantine = LocalQuarantine(tmp_path / "quarantine", local)
     for service in _service(backend, local, publisher, quarantine=quarantine):
@@ -127,12 +117,12 @@ def test_a_redelivered_block_does_not_quarantine_twice(
             request_id="req-b", image=file_ref(source), callback=HOOK, policy="block-all"
         )
         first = service.handle(request, may_retry=True)
-        source.write_bytes(_jpeg(3))  # a new upload takes the name after the move
+        source.write_bytes(noise_jpeg(3))  # a new upload takes the name after the move
         again = service.handle(request, may_retry=True)
     assert first.result.verdict is Verdict.BLOCK
     assert first.result.action is not None and first.result.action.kind == "quarantine_move"
     assert again.result == first.result
-    assert source.read_bytes() == _jpeg(3), "the re-delivery touched the new upload"
+    assert source.read_bytes() == noise_jpeg(3), "the re-delivery touched the new upload"
 
 
 def test_a_retryable_failure_retries_then_publishes_an_error_and_dead_letters(
@@ -221,7 +211,7 @@ def _blocking_setup(tmp_path: Path) -> tuple[Path, LocalStore, LocalQuarantine]:
     uploads = tmp_path / "uploads"
     uploads.mkdir()
     source = uploads / "a.jpg"
-    source.write_bytes(_jpeg(2))
+    source.write_bytes(noise_jpeg(2))
     local = LocalStore([uploads])
     return source, local, LocalQuarantine(tmp_path / "quarantine", local)
 
@@ -272,5 +262,5 @@ def test_a_crash_after_the_verdict_was_stored_is_finished_by_the_redelivery(
     assert handled.republished and handled.result.action is not None
     assert handled.result.action.kind == "quarantine_move" and not source.exists()
     moved = Path(str(handled.result.action.location))
-    assert moved.read_bytes() == _jpeg(2)
+    assert moved.read_bytes() == noise_jpeg(2)
     assert again.result == handled.result  # the stored record now holds the finished move
