@@ -195,8 +195,14 @@ def test_finetuned_vit_heatmap_falls_mostly_on_the_textured_patch(
     base = lookalike("falconsai")
     data = training_folder(tmp_path / "data", 128, seed=1, size=(224, 224))
     options = FinetuneOptions(
-        model=str(base), mode="full", epochs=20, lr=5e-4, batch_size=16, patience=20,
-        device="cpu", seed=0,
+        model=str(base),
+        mode="full",
+        epochs=20,
+        lr=5e-4,
+        batch_size=16,
+        patience=20,
+        device="cpu",
+        seed=0,
     )  # fmt: skip  (a gentle rate: at 2e-3 the run was chaotic and landed by CPU)
     result = finetune(data, tmp_path / "model", options)
     trained = _backend(str(result.out))
