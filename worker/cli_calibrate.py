@@ -80,7 +80,7 @@ def calibrate(
     }
     try:
         settings = _settings(overrides)
-        configure_logging(settings.log_level, json=False)
+        configure_logging(settings.log_level, json=settings.logs_json(worker=False))
         result = _run(settings, labels, target_precision, target_recall, review_recall, temperature)
         from worker.calibrate import write_outputs
 

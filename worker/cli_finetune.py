@@ -140,7 +140,7 @@ def finetune(
     """Fine-tune a model on your own labels; writes a model directory `--model` loads."""
     overrides = {"model": model, "device": device}
     settings = Settings.with_options(**overrides)
-    configure_logging(settings.log_level, json=False)
+    configure_logging(settings.log_level, json=settings.logs_json(worker=False))
     from worker.finetune import FinetuneOptions
     from worker.finetune import finetune as run_finetune
 

@@ -28,7 +28,8 @@ class ClusterMethod(StrEnum):
 
 def _settings(**overrides: object) -> Settings:
     settings = Settings.with_options(**overrides)
-    configure_logging(settings.log_level, json=False)  # on stderr: stdout carries the results
+    # on stderr: stdout carries the results
+    configure_logging(settings.log_level, json=settings.logs_json(worker=False))
     return settings
 
 

@@ -64,7 +64,15 @@ class Settings(BaseSettings):
         20.0, gt=0, description="wall time one decode may take (a stalled decoder is replaced)"
     )
     log_level: str = "INFO"
-    log_json: bool = Field(False, description="JSON log lines (the worker always logs JSON)")
+    log_json: bool | None = Field(
+        None,
+        description="JSON log lines on stderr: unset, the worker writes JSON and the other "
+        "commands readable lines; true or false, every command writes that format",
+    )
+
+    def logs_json(self, *, worker: bool) -> bool:
+        """The log format this command writes (``MODQ_LOG_JSON``, else JSON for a worker)."""
+        return worker if self.log_json is None else self.log_json
 
     # -- queue mode ------------------------------------------------------------------------
     broker_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker (Redis)")

@@ -1,4 +1,12 @@
-"""structlog setup: JSON lines for workers, readable lines for a terminal."""
+"""Logging: one handler on stderr, one format for every line.
+
+modq's own events (structlog) and every standard-library record (Celery's "Task ...
+succeeded", kombu's reconnects, warnings from libraries) pass through the same
+``ProcessorFormatter`` and the same handler, so a worker writes JSON lines and nothing else
+on stderr, and two threads never interleave inside a line: the handler writes each record,
+newline included, in one call under its lock. modq's loggers and Celery's log at the
+configured level; other libraries at WARNING, so a terminal run is not buried in their
+chatter."""
 
 from __future__ import annotations
 
@@ -8,6 +16,9 @@ import sys
 import structlog
 
 __all__ = ["configure_logging", "get_logger"]
+
+#: Loggers shown at the configured level; everything else at WARNING and above.
+OWN_LOGGERS = ("worker", "celery")
 
 
 class _Stderr:
@@ -27,19 +38,47 @@ class _Stderr:
         stream.flush()
 
 
+class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The handler modq installs, told apart from anyone else's (pytest's capture) when
+    logging is configured again."""
+
+
 def configure_logging(level: str = "INFO", json: bool = True) -> None:
+    """Route structlog and the standard library through one handler on stderr: JSON lines
+    when ``json``, else readable lines for a terminal. Calling it again replaces modq's
+    handler and keeps any other."""
+    numeric = logging.getLevelName(level.upper())
+    shared: list[structlog.types.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso"),
+    ]
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
     )
+    handler = _Handler(_Stderr())
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=shared,
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                # A traceback is one JSON string, never raw lines between records.
+                *([structlog.processors.format_exc_info] if json else []),
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers = [h for h in root.handlers if not isinstance(h, _Handler)] + [handler]
+    root.setLevel(logging.WARNING)
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(numeric)
+    logging.captureWarnings(True)
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso"),
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),  # type: ignore[arg-type]
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.stdlib.LoggerFactory(),
         cache_logger_on_first_use=False,
     )
 

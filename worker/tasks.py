@@ -12,7 +12,13 @@ from typing import Any, NoReturn
 import structlog
 from celery import Task, shared_task
 from celery.exceptions import Reject, Retry
-from celery.signals import task_revoked, worker_init, worker_shutdown
+from celery.signals import (
+    celeryd_init,
+    setup_logging,
+    task_revoked,
+    worker_init,
+    worker_shutdown,
+)
 from pydantic import ValidationError
 
 from worker import metrics
@@ -270,9 +276,8 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
     (model, policies, stores, cache, banks, quarantine, publishers), start the metrics
     endpoint. A worker that cannot moderate exits here, having taken no message."""
     app = sender.app if sender is not None and hasattr(sender, "app") else None
-    settings = getattr(app.conf, "modq_settings", None) if app is not None else None
-    settings = settings if isinstance(settings, Settings) else Settings()
-    configure_logging(settings.log_level, json=True)
+    settings = _settings_of(app.conf if app is not None else None)
+    configure_logging(settings.log_level, json=settings.logs_json(worker=True))
     if app is None:
         return
     try:
@@ -288,6 +293,26 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
 
         start_http_server(settings.metrics_port)
     runtime.start_sweeper(app.send_task)
+
+
+def _settings_of(conf: Any) -> Settings:
+    settings = getattr(conf, "modq_settings", None)
+    return settings if isinstance(settings, Settings) else Settings()
+
+
+@celeryd_init.connect  # type: ignore[untyped-decorator]
+def _on_celeryd_init(conf: Any = None, **_: Any) -> None:
+    """The worker's first signal, before Celery's own start-up warnings (running as root):
+    from here on every line on stderr is in modq's one format."""
+    settings = _settings_of(conf)
+    configure_logging(settings.log_level, json=settings.logs_json(worker=True))
+
+
+@setup_logging.connect  # type: ignore[untyped-decorator]
+def _on_setup_logging(**_: Any) -> None:
+    """Celery installs no handler of its own and leaves stdout and stderr alone while this
+    receiver exists: its lines go through modq's one handler, configured at
+    ``celeryd_init``."""
 
 
 def _check_pool(pool: object) -> None:

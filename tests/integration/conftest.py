@@ -71,6 +71,7 @@ class WorkerFactory:
         env: dict[str, str],
         args: tuple[str, ...] = (),
         launcher: tuple[str, ...] | None = None,
+        separate_stderr: bool = False,
     ) -> WorkerProcess:
         base = {
             "MODQ_BROKER_URL": self.broker_url,
@@ -84,7 +85,7 @@ class WorkerFactory:
             "AWS_DEFAULT_REGION": CREDENTIALS["region_name"],
         }
         log = self.folder / f"worker-{len(self.started)}.log"
-        worker = WorkerProcess({**base, **env}, log, args, launcher)
+        worker = WorkerProcess({**base, **env}, log, args, launcher, separate_stderr)
         self.started.append(worker)
         return worker.start()
 

@@ -254,7 +254,11 @@ def test_a_failure_at_any_stage_is_retried_to_a_published_result(
     })  # fmt: skip
     worker = start_worker(env, launcher=FAULT_WORKER)
     collector = Collector(start_worker.broker_url)
-    _send(start_worker.broker_url, [*requests, ("plain-1", requests[0][1])])
+    # The plain request has an image of its own: under the block-all policy it moves its
+    # file to quarantine, and a stage request sharing that file would then find it gone.
+    plain = root / "plain.jpg"
+    plain.write_bytes(noise_jpeg(999))
+    _send(start_worker.broker_url, [*requests, ("plain-1", plain.as_uri())])
     wait_until(
         lambda: collector.poll() or len(collector.results) == len(requests) + 1,
         timeout=120,

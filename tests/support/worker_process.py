@@ -36,6 +36,7 @@ class WorkerProcess:
         log_path: Path,
         args: tuple[str, ...] = (),
         launcher: tuple[str, ...] | None = None,
+        separate_stderr: bool = False,
     ) -> None:
         self.metrics_port = free_port()
         self.env = {
@@ -49,18 +50,25 @@ class WorkerProcess:
         self.launcher = launcher or (str(Path(sys.executable).with_name("modq")),)
         self.process: subprocess.Popen[bytes] | None = None
         self._log_start = 0
+        self._err_start = 0
+        # stderr in a file of its own, to check what a log shipper reading it would see.
+        self.stderr_path = log_path.with_suffix(".stderr") if separate_stderr else None
 
     def start(self, timeout: float = 120.0) -> WorkerProcess:
         self._log = self.log_path.open("ab")
         self._log_start = self._log.tell()  # a restart must not be ready on the old log
+        stderr = self.stderr_path.open("ab") if self.stderr_path else None
+        self._err_start = stderr.tell() if stderr else 0
         self.process = subprocess.Popen(
             [*self.launcher, "worker", *self.args],
             cwd=ROOT,
             env=self.env,
             stdout=self._log,
-            stderr=subprocess.STDOUT,
+            stderr=stderr or subprocess.STDOUT,
             start_new_session=True,
         )
+        if stderr:
+            stderr.close()
         try:
             self._wait_ready(timeout)
         except (RuntimeError, TimeoutError):
@@ -97,7 +105,16 @@ class WorkerProcess:
             return ""
         with self.log_path.open("rb") as log:
             log.seek(self._log_start if since_start else 0)
-            return log.read().decode(errors="replace")
+            text = log.read().decode(errors="replace")
+        return text + self.stderr(since_start)
+
+    def stderr(self, since_start: bool = False) -> str:
+        """What the worker wrote on stderr, when it has a file of its own ("" otherwise)."""
+        if self.stderr_path is None or not self.stderr_path.exists():
+            return ""
+        with self.stderr_path.open("rb") as err:
+            err.seek(self._err_start if since_start else 0)
+            return err.read().decode(errors="replace")
 
     @property
     def running(self) -> bool:
