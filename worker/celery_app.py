@@ -51,6 +51,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             DEAD_LETTER_TASK: {"queue": settings.dead_letter_queue},
         },
         "worker_prefetch_multiplier": settings.prefetch_multiplier,
+        # A message for a task modq does not run is dead-lettered, not dropped (worker.foreign).
+        "worker_consumer": "worker.foreign:Consumer",
         # One process, one model, task threads feeding its batcher: `celery -A … worker`
         # gets the same pool as `modq worker` (a forked pool child would inherit the runtime
         # without its threads and hang every task).

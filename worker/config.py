@@ -138,6 +138,11 @@ class Settings(BaseSettings):
     )
     retry_backoff_max_s: int = Field(120, ge=1)
     metrics_port: int = Field(9808, ge=0, le=65535, description="Prometheus port; 0 = off")
+    metrics_addr: str = Field(
+        "127.0.0.1",
+        description="address the Prometheus endpoint binds: loopback by default; 0.0.0.0 (or "
+        "::) for a scraper or probe outside the host or container",
+    )
     malloc_arenas: int = Field(
         2, ge=0, description="glibc malloc arenas of `modq worker` (MALLOC_ARENA_MAX); 0 = glibc's"
     )

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, Info
 
 __all__ = [
     "BANK_MATCHES",
     "BATCH_SIZE",
+    "BUILD_INFO",
     "CACHE_OUTCOMES",
     "DEAD_LETTERS",
     "EMBEDDINGS_DROPPED",
@@ -31,8 +32,10 @@ QUEUE_WAIT_SECONDS = Histogram(
 )
 FORWARD_SECONDS = Histogram("modq_forward_seconds", "Duration of one batched forward pass")
 CACHE_OUTCOMES = Counter("modq_cache_total", "Verdict cache lookups by outcome", ["outcome"])
+# Counted when a result was handed to its callback's broker, stream or endpoint: a result
+# that could not be delivered (or had nowhere to go) counts in modq_dead_letters_total only.
 VERDICTS = Counter("modq_verdicts_total", "Verdicts published", ["verdict"])
-ERRORS = Counter("modq_errors_total", "Error results by stable code", ["code"])
+ERRORS = Counter("modq_errors_total", "Error results published, by stable code", ["code"])
 IN_FLIGHT = Gauge("modq_in_flight", "Images being processed now")
 RETRIES = Counter("modq_retries_total", "Task retries by the error that caused them", ["code"])
 DEAD_LETTERS = Counter(
@@ -55,3 +58,4 @@ BANK_MATCHES = Counter("modq_bank_matches_total", "Images blocked by a hash bank
 HEATMAP_ERRORS = Counter(
     "modq_heatmap_errors_total", "Review heatmaps that could not be made or written"
 )
+BUILD_INFO = Info("modq_build", "The modq version, model and Python of this worker")

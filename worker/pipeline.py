@@ -94,6 +94,11 @@ class Pipeline:
             id=card.id, revision=card.revision, runtime=card.runtime, precision=backend.precision
         )
 
+    @property
+    def model(self) -> ModelInfo:
+        """The model every result names: id, revision, runtime, precision."""
+        return self._model
+
     def close(self) -> None:
         self.lookup.close()
         self.extras.close()
@@ -163,7 +168,6 @@ class Pipeline:
         metrics.CACHE_OUTCOMES.labels(found.outcome.value).inc()
         scores = found.scores
         verdict = policy.decide(scores.nsfw_score)
-        metrics.VERDICTS.labels(verdict.value).inc()
         result = ModerationResult(
             request_id=request_id,
             image=ref,
@@ -199,7 +203,6 @@ class Pipeline:
         """A bank match blocks whatever a model would say; the model does not run."""
         assert found.bank is not None
         metrics.BANK_MATCHES.labels(found.bank.bank).inc()
-        metrics.VERDICTS.labels(Verdict.BLOCK.value).inc()
         bank = found.bank
         result = ModerationResult(
             request_id=request_id,
@@ -267,7 +270,6 @@ class Pipeline:
     def _error(
         self, ref: str, request_id: str, clock: Clock, code: str, message: str, retryable: bool
     ) -> ModerationResult:
-        metrics.ERRORS.labels(code).inc()
         return ModerationResult(
             request_id=request_id,
             image=ref,

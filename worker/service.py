@@ -86,6 +86,8 @@ class Handled:
     dead_letter: str | None = None
     #: a re-delivery: the stored result was published again, nothing was re-run
     republished: bool = False
+    #: a broker, stream or endpoint took the result (not: no callback, or it refused)
+    published: bool = False
 
 
 class ModerationService:
@@ -235,7 +237,6 @@ class ModerationService:
         word on it, so the record is best effort and only the publication must succeed. A
         stored verdict wins, except one whose action never completed, which only a delivery
         holding the lease (``leased``) may replace with the error."""
-        metrics.ERRORS.labels(exc.code).inc()
         result = error_result(request.request_id, request.image, exc.code, str(exc))
         result = result.model_copy(update={"metadata": request.metadata})
         try:
@@ -255,7 +256,6 @@ class ModerationService:
     def answer(self, request: ModerationRequest, exc: PermanentError) -> Handled:
         """Publish an error result and store nothing: for a message that failed validation,
         whose request id is only a claim, and for the last resort outside any lease."""
-        metrics.ERRORS.labels(exc.code).inc()
         result = error_result(request.request_id, request.image, exc.code, str(exc))
         result = result.model_copy(update={"metadata": request.metadata or {}})
         return self._publish(request, result, False, republished=False)
@@ -331,8 +331,18 @@ class ModerationService:
                 raise
             log.error("callback failed for good", request_id=request.request_id, error=str(exc))
             return Handled(result, exc.code, republished)
-        metrics.PUBLISHED.labels(urlsplit(callback).scheme, result.status.value).inc()
-        return Handled(result, dead_letter, republished)
+        _count_published(callback, result)
+        return Handled(result, dead_letter, republished, published=True)
+
+
+def _count_published(callback: str, result: ModerationResult) -> None:
+    """Only what a broker, stream or endpoint took counts: modq_verdicts_total and
+    modq_errors_total say what callers were told, not what the pipeline computed."""
+    metrics.PUBLISHED.labels(urlsplit(callback).scheme, result.status.value).inc()
+    if result.error is not None:
+        metrics.ERRORS.labels(result.error.code).inc()
+    elif result.verdict is not None:
+        metrics.VERDICTS.labels(result.verdict.value).inc()
 
 
 def _too_many(request_id: str, died: int) -> TooManyDeliveries:

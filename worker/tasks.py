@@ -142,7 +142,7 @@ def _moderate(task: Task, runtime: Runtime, message: Any) -> dict[str, Any]:
         _after_publishing(task, runtime, message, handled, may_retry=may_retry)
         result = handled.result
         log.info(
-            "published",
+            "published" if handled.published else "not published",
             status=result.status,
             verdict=result.verdict,
             sha256=result.hashes.sha256 if result.hashes else None,
@@ -291,8 +291,29 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
     if settings.metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(settings.metrics_port)
+        metrics.BUILD_INFO.info(_build_info(runtime))
+        start_http_server(settings.metrics_port, addr=settings.metrics_addr)
     runtime.start_sweeper(app.send_task)
+
+
+def _build_info(runtime: Runtime) -> dict[str, str]:
+    """``modq_build_info``'s labels: what a dashboard needs to tell workers apart."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        modq_version = version("modq")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        modq_version = "unknown"
+    model = runtime.pipeline.model
+    return {
+        "version": modq_version,
+        "model": model.id,
+        "revision": model.revision,
+        "runtime": model.runtime,
+        "precision": model.precision,
+        "python": platform.python_version(),
+    }
 
 
 def _settings_of(conf: Any) -> Settings:

@@ -392,18 +392,18 @@ class SendTask:
     ("uri", "name", "queue"),
     [
         ("celery://proj.tasks.on_result?queue=results", "proj.tasks.on_result", "results"),
-        ("celery://proj.tasks.on_result", "proj.tasks.on_result", None),
+        ("celery://proj.tasks.on_result", "proj.tasks.on_result", "celery"),
         ("celery://proj.tasks.on_result/?queue=a.b", "proj.tasks.on_result", "a.b"),
-        ("celery://app:on-result", "app:on-result", None),
-        ("celery://proj/tasks.on_result", "proj/tasks.on_result", None),
+        ("celery://app:on-result", "app:on-result", "celery"),
+        ("celery://proj/tasks.on_result", "proj/tasks.on_result", "celery"),
     ],
 )
-def test_celery_publisher_sends_the_named_task(uri: str, name: str, queue: str | None) -> None:
+def test_celery_publisher_sends_the_named_task(uri: str, name: str, queue: str) -> None:
     send_task = SendTask()
     CeleryPublisher(send_task).publish(uri, RESULT)
     [(sent_name, options)] = send_task.calls
     assert sent_name == name
-    assert options.pop("queue", None) == queue
+    assert options.pop("queue") == queue
     assert options == {"args": [json.loads(RESULT.model_dump_json())], "serializer": "json"}
     assert ModerationResult.model_validate(options["args"][0]) == RESULT
 
@@ -425,6 +425,16 @@ def test_celery_publisher_refuses_bad_uris(uri: str, message: str) -> None:
     with pytest.raises(InvalidCallback, match=message):
         CeleryPublisher(send_task, reserved_queues=["modq"]).publish(uri, RESULT)
     assert send_task.calls == []
+
+
+def test_celery_callback_without_a_queue_cannot_be_routed_to_modqs_own() -> None:
+    """A worker whose own queue is Celery's default has nowhere to send ``celery://t``."""
+    send_task = SendTask()
+    publisher = CeleryPublisher(send_task, reserved_queues=["celery", "modq.dead"])
+    with pytest.raises(InvalidCallback, match=r"'celery' \(the default without \?queue=\)"):
+        publisher.publish("celery://proj.tasks.x", RESULT)
+    publisher.publish("celery://proj.tasks.x?queue=results", RESULT)
+    assert [options["queue"] for _, options in send_task.calls] == ["results"]
 
 
 @pytest.mark.parametrize(
