@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 PIP := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: install install-dev run test test-fast soak reliability-doc lint bench clean
+.PHONY: install install-dev run test test-fast test-install soak reliability-doc lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,7 +39,12 @@ test: install-dev
 	[ $$rc -eq 0 ]
 
 test-fast: install-dev
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest -m "not slow and not install"
+
+# The built wheel installed into fresh virtual environments (no extras; [torch]): scans the
+# examples and answers one queued request each, as a user's `pip install modq` would.
+test-install: install-dev
+	$(BIN)/pytest -m install tests/install
 
 # The fault, load and hostile-input tier at full counts (10,000 requests, a 10-minute
 # decoder fuzz), then docs/reliability.md regenerated from what those tests observed.

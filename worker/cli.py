@@ -19,19 +19,34 @@ from worker.cli_explain import register as register_explain_commands
 from worker.cli_finetune import register as register_finetune_commands
 from worker.cli_index import register as register_index_commands
 from worker.cli_queue import register as register_queue_commands
+from worker.cli_support import (
+    EXIT_CRASH,
+    EXIT_INTERRUPTED,
+    EXIT_POLICY,
+    EXIT_USAGE,
+    DeviceOpt,
+    JsonOpt,
+    ModelOpt,
+    PrecisionOpt,
+    fail,
+    print_json,
+    setting_option,
+    sub_app,
+)
 from worker.config import Settings
 from worker.errors import ModqError
 from worker.log import configure_logging
+from worker.optional import missing_extra
 
 if TYPE_CHECKING:
     from worker.scan import ScanSummary
 
 __all__ = ["app", "main"]
 
-app = typer.Typer(help="modq: moderate images with NSFW classifiers.", no_args_is_help=True)
-models_app = typer.Typer(help="List, inspect and export models.", no_args_is_help=True)
+app = sub_app("modq: moderate images with NSFW classifiers.")
+models_app = sub_app("List, inspect and export models.")
 app.add_typer(models_app, name="models")
-schemas_app = typer.Typer(help="The wire contract as JSON Schema.", no_args_is_help=True)
+schemas_app = sub_app("The wire contract as JSON Schema.")
 app.add_typer(schemas_app, name="schemas")
 register_queue_commands(app)
 register_index_commands(app)
@@ -39,7 +54,7 @@ register_bank_commands(app)
 register_calibrate_commands(app)
 register_explain_commands(app)
 register_finetune_commands(app)
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 class FailOn(StrEnum):
@@ -49,14 +64,24 @@ class FailOn(StrEnum):
     error = "error"
 
 
-ModelOpt = Annotated[
-    str | None,
-    typer.Option("--model", "-m", help="preset, dir, .onnx or Org/name[@rev] [env MODQ_MODEL]"),
-]
-PrecisionOpt = Annotated[
-    str | None, typer.Option(help="auto, fp32, bf16 or fp16 [env MODQ_PRECISION]")
-]
-DeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N [env MODQ_DEVICE]")]
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"modq {version('modq')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    _: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="print modq's version and exit"
+        ),
+    ] = False,
+) -> None:
+    """modq: moderate images with NSFW classifiers."""
 
 
 def _settings(**overrides: object) -> Settings:
@@ -65,18 +90,22 @@ def _settings(**overrides: object) -> Settings:
 
 @app.command()
 def scan(
-    paths: Annotated[list[Path], typer.Argument(help="files and folders to scan")],
+    paths: Annotated[list[Path], typer.Argument(help="files and folders to scan", exists=True)],
     model: ModelOpt = None,
-    report: Annotated[Path, typer.Option(help="JSONL report, one object per input")] = Path(
-        "modq-report.jsonl"
-    ),
+    report: Annotated[
+        Path, typer.Option(help="JSONL report, one object per input; - for stdout")
+    ] = Path("modq-report.jsonl"),
     quarantine_to: Annotated[
         Path | None, typer.Option(help="move blocked images into this folder")
     ] = None,
     policy: Annotated[
-        str | None, typer.Option(help="default, strict, lenient or a JSON file")
+        str | None,
+        setting_option(env="MODQ_POLICY", help="default, strict, lenient or a JSON file"),
     ] = None,
-    batch_size: Annotated[int | None, typer.Option(help="largest batch per forward pass")] = None,
+    batch_size: Annotated[
+        int | None,
+        setting_option(env="MODQ_MAX_BATCH_SIZE", help="largest batch per forward pass"),
+    ] = None,
     precision: PrecisionOpt = None,
     device: DeviceOpt = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="skip the verdict cache")] = False,
@@ -88,9 +117,10 @@ def scan(
     ] = False,
     embedding_sink: Annotated[
         str | None,
-        typer.Option(
+        setting_option(
+            env="MODQ_EMBEDDING_SINK",
             help="also stream every embedding to file:///dir, s3://bucket/prefix/ or "
-            "redis-stream://name [env MODQ_EMBEDDING_SINK]"
+            "redis-stream://name",
         ),
     ] = None,
     all_files: Annotated[
@@ -100,8 +130,11 @@ def scan(
     fail_on: Annotated[
         FailOn, typer.Option(help="exit 1 when anything reaches this verdict")
     ] = FailOn.never,
+    as_json: JsonOpt = False,
 ) -> None:
     """Moderate files and folders in-process, with the same pipeline the queue worker runs."""
+    if as_json and str(report) == "-":
+        raise typer.BadParameter("--json and --report - both write to stdout: choose one")
     settings = _settings(
         model=model,
         policy=policy,
@@ -126,11 +159,14 @@ def scan(
             progress=_progress(),
         )
     except ModqError as exc:
-        console.print(f"[red]error[/red] {escape(f'[{exc.code}] {exc}')}")
-        raise typer.Exit(2) from exc
-    _print_summary(summary, report)
+        raise fail(exc) from exc
+    if as_json:
+        print_json({**summary.to_json(), "report": str(report.resolve())})
+    else:
+        # With the report on stdout, the table goes to stderr: stdout stays pure JSONL.
+        _print_summary(summary, report, Console(stderr=str(report) == "-"))
     if _failed(summary, fail_on):
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_POLICY)
 
 
 def _progress() -> Progress:
@@ -154,7 +190,7 @@ def _failed(summary: ScanSummary, fail_on: FailOn) -> bool:
     return False
 
 
-def _print_summary(summary: ScanSummary, report: Path) -> None:
+def _print_summary(summary: ScanSummary, report: Path, out: Console) -> None:
     table = Table(title="modq scan")
     for column in (
         "images",
@@ -177,7 +213,6 @@ def _print_summary(summary: ScanSummary, report: Path) -> None:
         str(summary.quarantined),
         f"{summary.images_per_second:.1f}",
     )
-    out = Console()
     out.print(table)
     if summary.errors:
         out.print(
@@ -185,15 +220,30 @@ def _print_summary(summary: ScanSummary, report: Path) -> None:
         )
     if summary.model:
         out.print(f"model: {summary.model}")
-    out.print(f"full report: {report.resolve()}")
+    out.print(f"full report: {'stdout' if str(report) == '-' else report.resolve()}")
 
 
 @models_app.command("list")
-def models_list() -> None:
+def models_list(as_json: JsonOpt = False) -> None:
     """Each preset: labels, input size, licence, and whether it is on this machine."""
     from worker.models.registry import PRESETS
     from worker.models.status import availability
 
+    if as_json:
+        print_json([
+            {
+                "preset": preset.name,
+                "runtime": preset.runtime,
+                "labels": list(preset.labels),
+                "input_size": preset.input_size,
+                "license": preset.license,
+                "hub_id": preset.hub_id,
+                "revision": preset.revision,
+                "available": availability(preset),
+            }
+            for preset in PRESETS.values()
+        ])  # fmt: skip
+        return
     table = Table(title="modq models")
     for column in ("preset", "runtime", "labels", "input", "licence", "available"):
         table.add_column(column)
@@ -214,12 +264,13 @@ def models_list() -> None:
     out = Console()
     out.print(table)
     if missing:
-        out.print("Fetch a missing model where the hub is reachable:\n" + "\n".join(missing))
+        out.print("How to get the missing ones:\n" + "\n".join(missing), markup=False)
 
 
 @models_app.command("info")
 def models_info(
     spec: Annotated[str, typer.Argument(help="preset, dir, .onnx or Org/name[@rev]")],
+    as_json: JsonOpt = False,
 ) -> None:
     """Everything modq knows about one model (its card), read from its files."""
     from worker.models.factory import build_card
@@ -229,12 +280,14 @@ def models_info(
         resolved = resolve(spec)
         card = build_card(resolved)
     except ModqError as exc:
-        console.print(f"[red]error[/red] {escape(f'[{exc.code}] {exc}')}")
-        raise typer.Exit(2) from exc
+        raise fail(exc) from exc
     info = json.loads(card.to_json())
     info["path"] = str(resolved.path)
     info["unsafe_labels"] = list(card.unsafe_labels)
-    Console().print_json(json.dumps(info))
+    if as_json:
+        print_json(info)
+    else:
+        Console().print_json(json.dumps(info))
 
 
 @models_app.command("export-onnx")
@@ -258,8 +311,7 @@ def models_export_onnx(
         target = out or export_path(settings.onnx_dir, backend.card)
         export_onnx(backend, target)
     except ModqError as exc:
-        console.print(f"[red]error[/red] {escape(f'[{exc.code}] {exc}')}")
-        raise typer.Exit(2) from exc
+        raise fail(exc) from exc
     Console().print(f"wrote {target}")
 
 
@@ -275,4 +327,30 @@ def schemas_export(
 
 
 def main() -> None:
-    app()
+    """The `modq` executable: the app, with the exit codes of ``cli_support`` for what
+    escapes a command (a missing extra, a typed error, a crash, Ctrl-C)."""
+    try:
+        app()
+    except ModuleNotFoundError as exc:
+        if (missing := missing_extra(exc)) is None:
+            raise _crashed() from exc
+        raise SystemExit(_report(missing)) from exc
+    except ModqError as exc:
+        raise SystemExit(_report(exc)) from exc
+    except KeyboardInterrupt:
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    except Exception as exc:
+        raise _crashed() from exc
+
+
+def _report(exc: ModqError) -> int:
+    console.print(f"[red]error[/red] {escape(f'[{exc.code}] {exc}')}")
+    return EXIT_USAGE
+
+
+def _crashed() -> SystemExit:
+    import traceback
+
+    traceback.print_exc()
+    console.print("[red]modq crashed[/red]: this is a bug; please report it with the traceback")
+    return SystemExit(EXIT_CRASH)

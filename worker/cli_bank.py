@@ -22,6 +22,7 @@ from worker.banks import (
     hash_images,
     load_hash_list,
 )
+from worker.cli_support import JsonOpt, print_json, sub_app
 from worker.config import Settings
 from worker.errors import CorruptImage, InvalidDataset, ModqError, ObjectNotFound
 
@@ -29,7 +30,7 @@ __all__ = ["register"]
 
 StoreFactory = Callable[[], BankStore]
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 _SHOWN = 20  # skipped items listed one by one; the rest are counted
 _CLI_TIMEOUT_S = 10.0  # a bulk add writes in large pipelines: allow the server time
 
@@ -129,10 +130,22 @@ class _BankCommands:
         title = f"skipped {len(lines)} hashes below PDQ quality {PDQ_QUALITY_MIN}, on lines:"
         return hash_list.hashes, [title, *_listed(lines)]
 
-    def list_banks(self) -> None:
+    def list_banks(self, as_json: JsonOpt = False) -> None:
         """Every bank: whether it is matched, its hash count, when it was made and from what."""
         with _reported(), closing(self.store_factory()) as store:
             banks = store.banks()
+        if as_json:
+            print_json([
+                {
+                    "name": bank.name,
+                    "enabled": bank.enabled,
+                    "hashes": bank.count,
+                    "created": datetime.fromtimestamp(bank.created, UTC).isoformat(),
+                    "source": bank.source,
+                }
+                for bank in banks
+            ])  # fmt: skip
+            return
         out = Console()
         if not banks:
             out.print("no banks yet: add one with `modq bank add NAME FILE|DIR`")
@@ -164,10 +177,7 @@ def register(app: typer.Typer, store_factory: StoreFactory | None = None) -> Non
     """Add the `bank` commands to ``app``. They use the Redis at MODQ_BANK_URL (default:
     MODQ_CACHE_URL), under MODQ_CACHE_PREFIX, unless ``store_factory`` gives another store."""
     commands = _BankCommands(store_factory or _redis_store)
-    bank_app = typer.Typer(
-        help="Banks of known-bad image hashes (PDQ), matched before the model runs.",
-        no_args_is_help=True,
-    )
+    bank_app = sub_app("Banks of known-bad image hashes (PDQ), matched before the model runs.")
     bank_app.command("add")(commands.add)
     bank_app.command("list")(commands.list_banks)
     bank_app.command("enable")(commands.enable)

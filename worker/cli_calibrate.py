@@ -13,6 +13,15 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from worker.cli_support import (
+    EXIT_POLICY,
+    DeviceOpt,
+    JsonOpt,
+    ModelOpt,
+    PrecisionOpt,
+    fail,
+    print_json,
+)
 from worker.config import Settings
 from worker.errors import ConfigError, ModqError
 from worker.log import configure_logging
@@ -24,25 +33,17 @@ __all__ = ["EXIT_TARGET_MISSED", "calibrate", "register"]
 
 # 0: policy written; 1: ran, but no threshold reaches the target (no policy.json);
 # 2: modq could not run (bad labels file, unknown model), as for every modq command.
-EXIT_TARGET_MISSED = 1
+EXIT_TARGET_MISSED = EXIT_POLICY
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
-ModelOpt = Annotated[
-    str | None,
-    typer.Option("--model", "-m", help="preset, dir, .onnx or Org/name@rev (env MODQ_MODEL)"),
-]
 TargetPrecisionOpt = Annotated[
     float | None, typer.Option(help="block_at: the lowest threshold with this precision")
 ]
 TargetRecallOpt = Annotated[
     float | None, typer.Option(help="block_at: the highest threshold with this recall")
 ]
-PrecisionOpt = Annotated[
-    str | None, typer.Option(help="auto, fp32, bf16 or fp16 (env MODQ_PRECISION)")
-]
-DeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N (env MODQ_DEVICE)")]
 ExactDecodeOpt = Annotated[
     bool, typer.Option("--exact-decode", help="decode JPEGs at full size (when the worker does)")
 ]
@@ -66,6 +67,7 @@ def calibrate(
     precision: PrecisionOpt = None,
     device: DeviceOpt = None,
     exact_decode: ExactDecodeOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Score a labelled set with modq's pipeline and choose review_at and block_at.
 
@@ -86,9 +88,18 @@ def calibrate(
 
         written = write_outputs(result, out)
     except ModqError as exc:
-        console.print(f"[red]error[/red] {escape(f'[{exc.code}] {exc}')}")
-        raise typer.Exit(2) from exc
-    _print(result, written)
+        raise fail(exc) from exc
+    policy_file = out / "policy.json"
+    if as_json:
+        from worker.calibrate.report import report_document
+
+        print_json({
+            **report_document(result),
+            "written": [str(path) for path in written],
+            "not_written": [] if result.choice.met else [str(policy_file)],
+        })  # fmt: skip
+    else:
+        _print(result, written, policy_file)
     if not result.choice.met:
         raise typer.Exit(EXIT_TARGET_MISSED)
 
@@ -131,7 +142,7 @@ def _run(
         return run_calibration(settings, request, images, lambda: progress.advance(task))
 
 
-def _print(result: Calibration, written: list[Path]) -> None:
+def _print(result: Calibration, written: list[Path], policy_file: Path) -> None:
     out = Console()
     scored = result.scored
     labels = result.labels
@@ -168,7 +179,7 @@ def _print(result: Calibration, written: list[Path]) -> None:
         console.print(
             f"[red]target not met[/red]: no threshold reaches {result.choice.target.describe()} "
             f"(best: precision {result.choice.block.confusion.precision:.4f} at "
-            f"{result.choice.block.threshold:.6g}); no policy.json written"
+            f"{result.choice.block.threshold:.6g}); {policy_file} was not written"
         )
     for path in written:
         out.print(f"wrote {path}")

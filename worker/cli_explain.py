@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
+from worker.cli_support import DeviceOpt, ModelOpt
 from worker.config import Settings
 from worker.errors import ConfigError, CorruptImage, ModqError, ObjectNotFound
 
@@ -21,13 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = ["explain", "register"]
 
-console = Console(stderr=True)
-
-ModelOpt = Annotated[
-    str | None,
-    typer.Option("--model", "-m", help="preset, dir, .onnx or Org/name@rev (env MODQ_MODEL)"),
-]
-DeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N (env MODQ_DEVICE)")]
+console = Console(stderr=True, soft_wrap=True)
 
 
 def explain(

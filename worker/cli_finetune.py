@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from worker.cli_support import DeviceOpt
 from worker.config import Settings
 from worker.errors import ModqError
 from worker.log import configure_logging
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = ["register"]
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 EMBEDDING_CACHE = "embeddings.sqlite3"
 
 
@@ -129,7 +130,7 @@ def finetune(
     max_unreadable: Annotated[
         int, typer.Option(min=0, help="images that may fail to decode before the run stops")
     ] = 100,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda [env MODQ_DEVICE]")] = None,
+    device: DeviceOpt = None,
     no_cache: Annotated[
         bool, typer.Option("--no-cache", help="do not keep embeddings on disk for the next run")
     ] = False,

@@ -12,13 +12,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from worker.cli_support import sub_app
 from worker.config import Settings
 from worker.errors import ModqError
 from worker.log import configure_logging
 
 __all__ = ["register"]
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 class ClusterMethod(StrEnum):
@@ -154,7 +155,7 @@ def cluster(
 
 
 def register(app: typer.Typer) -> None:
-    index_app = typer.Typer(help="Vector indexes of embeddings.", no_args_is_help=True)
+    index_app = sub_app("Vector indexes of embeddings.")
     index_app.command("build")(index_build)
     app.add_typer(index_app, name="index")
     app.command()(similar)

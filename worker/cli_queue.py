@@ -11,12 +11,13 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from worker.cli_support import DeviceOpt, ModelOpt, setting_option
 from worker.config import Settings
 from worker.errors import InvalidReference, ModqError
 
 __all__ = ["expand_refs", "limit_malloc_arenas", "register"]
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 def _as_ref(text: str) -> str:
@@ -60,7 +61,7 @@ def submit(
         bool, typer.Option("--recursive", "-r", help="expand s3:// prefixes and folders")
     ] = False,
     embed: Annotated[bool, typer.Option("--embed", help="ask for the embedding")] = False,
-    broker: Annotated[str | None, typer.Option(help="broker URL [env MODQ_BROKER_URL]")] = None,
+    broker: Annotated[str | None, setting_option(env="MODQ_BROKER_URL", help="broker URL")] = None,
 ) -> None:
     """Enqueue images for the workers; prints one `request_id<TAB>reference` line each."""
     from worker.client import Client
@@ -87,11 +88,14 @@ def submit(
 
 def worker(
     concurrency: Annotated[
-        int | None, typer.Option("--concurrency", "-c", help="task threads [MODQ_CONCURRENCY]")
+        int | None,
+        setting_option("--concurrency", "-c", env="MODQ_CONCURRENCY", help="task threads"),
     ] = None,
-    queue: Annotated[str | None, typer.Option("--queue", "-Q", help="[MODQ_QUEUE]")] = None,
-    model: Annotated[str | None, typer.Option("--model", "-m", help="[MODQ_MODEL]")] = None,
-    device: Annotated[str | None, typer.Option(help="[MODQ_DEVICE]")] = None,
+    queue: Annotated[
+        str | None, setting_option("--queue", "-Q", env="MODQ_QUEUE", help="queue to consume")
+    ] = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
     hostname: Annotated[str, typer.Option("--hostname", "-n")] = "modq@%h",
 ) -> None:
     """Run a queue worker: one process, one model, task threads feeding the dynamic batcher."""

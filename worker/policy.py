@@ -49,7 +49,11 @@ def load_policy(name_or_file: str, card: ModelCard) -> Policy:
     if name_or_file == "lenient":
         return Policy("lenient", (review + block) / 2, block + (1 - block) / 2)
     path = Path(name_or_file)
-    if not path.is_file():
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"policy file {path} is not a regular file")
+    if not path.exists():
+        if path.suffix or len(path.parts) > 1:  # meant as a file: say so, not "unknown policy"
+            raise ConfigError(f"policy file {path} does not exist")
         raise ConfigError(
             f"unknown policy {name_or_file!r}: use one of {', '.join(POLICY_NAMES)} or a JSON file"
         )

@@ -20,6 +20,7 @@ from worker.decodepool import Decoder, build_decoder
 from worker.errors import ConfigError
 from worker.extras import Extras
 from worker.log import get_logger
+from worker.optional import missing_extra
 from worker.pending import PendingRequests, Sweeper, resend_options
 from worker.pipeline import PerceptualOptions, Pipeline, PipelineOptions
 from worker.policy import POLICY_NAMES, Policy, load_policy
@@ -91,6 +92,8 @@ def _building(setting: str, value: object = None) -> Iterator[None]:
         if named in str(exc):
             raise
         raise ConfigError(f"{named}: {exc}") from exc
+    except ImportError as exc:
+        raise ConfigError(f"{named}: {missing_extra(exc) or exc}") from exc
     except Exception as exc:
         raise ConfigError(f"{named}: {type(exc).__name__}: {exc}") from exc
 

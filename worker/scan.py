@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from contextlib import closing
+from contextlib import closing, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
@@ -86,6 +87,18 @@ class ScanSummary:
     def images_per_second(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
+    def to_json(self) -> dict[str, object]:
+        """The summary as ``modq scan --json`` prints it."""
+        return {
+            "images": self.images,
+            "verdicts": {v: self.verdicts[v] for v in ("allow", "review", "block")},
+            "errors": dict(sorted(self.errors.items())),
+            "cached": self.cache_hits,
+            "moved": self.quarantined,
+            "images_per_second": round(self.images_per_second, 2),
+            "model": self.model,
+        }
+
 
 def write_results(
     results: Iterable[ModerationResult], report: TextIO, summary: ScanSummary
@@ -109,7 +122,8 @@ def run_scan(
     all_files: bool = False,
     progress: Progress | None = None,
 ) -> ScanSummary:
-    """Wire the pipeline from ``settings`` and scan ``paths`` into ``report``."""
+    """Wire the pipeline from ``settings`` and scan ``paths`` into ``report`` (JSONL; ``-``
+    is stdout)."""
     from worker.cache import SQLiteCache
     from worker.decodepool import build_decoder
     from worker.extras import Extras
@@ -136,7 +150,9 @@ def run_scan(
     concurrency = max(
         4, min(2 * settings.max_batch_size, settings.max_batch_size + 2 * (os.cpu_count() or 1))
     )
-    report.parent.mkdir(parents=True, exist_ok=True)
+    to_stdout = str(report) == "-"
+    if not to_stdout:
+        report.parent.mkdir(parents=True, exist_ok=True)
     with (
         closing(build_decoder(settings)) as decoder,  # the decode backstop: decoder processes
         Pipeline(
@@ -149,7 +165,7 @@ def run_scan(
             PerceptualOptions.from_settings(settings),
             extras,
         ) as pipeline,
-        report.open("w") as out,
+        nullcontext(sys.stdout) if to_stdout else report.open("w") as out,
     ):
         results = pipeline.process_many((file_ref(f) for f in files), concurrency)
         if progress is None:

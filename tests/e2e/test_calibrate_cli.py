@@ -226,7 +226,15 @@ def test_unreachable_precision_writes_no_policy_and_exits_1(
     missed = _calibrate(labelled, "top-safe.csv", "--target-precision", "1", "--out", out)
     assert missed.returncode == 1, missed.stderr
     assert "target not met" in missed.stderr and "precision >= 1" in missed.stderr
+    assert f"{out / 'policy.json'} was not written" in missed.stderr
     assert not (out / "policy.json").exists()
+    as_json = _calibrate(
+        labelled, "top-safe.csv", "--target-precision", "1", "--out", out, "--json"
+    )
+    assert as_json.returncode == 1, as_json.stderr
+    document = json.loads(as_json.stdout)  # stdout holds the one JSON document, nothing else
+    assert document["not_written"] == [str(out / "policy.json")]
+    assert document["target"]["met"] is False and str(out / "report.json") in document["written"]
     report = _read(out / "report.json")
     assert report["target"] == {"kind": "precision", "value": 1.0, "met": False}
     assert report["metrics"]["block"]["precision"] < 1.0

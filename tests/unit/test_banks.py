@@ -6,6 +6,7 @@ The store contract both stores keep is in tests/integration/test_banks_redis.py.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -362,6 +363,12 @@ def test_cli_lists_and_switches_banks(tmp_path: Path, store: MemoryBankStore) ->
     assert len(rows) == 2 and "alpha" in rows[0]  # by name
     assert "yes" in rows[0] and " 2 " in rows[0] and "ncmec-2024.csv" in rows[0]
     assert "no" in rows[1].split() and "2023-11-14 22:13 UTC" in rows[1]
+    code, out, _ = _run(store, "bank", "list", "--json")
+    assert code == 0
+    assert [(b["name"], b["enabled"], b["hashes"]) for b in json.loads(out)] == [
+        ("alpha", True, 2),
+        ("zeta", False, 1),
+    ]
     code, _, _ = _run(store, "bank", "enable", "zeta")
     assert code == 0 and all(b.enabled for b in store.banks())
 

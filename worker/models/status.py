@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from worker.errors import ModqError
 from worker.models.registry import Preset, check_weights, download_command, resolve
+from worker.optional import missing_extra
 
 __all__ = ["availability"]
 
@@ -17,7 +18,10 @@ def availability(preset: Preset) -> str:
         return "yes (bundled)"
     from pathlib import Path
 
-    from huggingface_hub import snapshot_download
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:  # a hub preset runs on torch: without the extra it cannot
+        return f"no: {missing_extra(exc) or exc}"
 
     try:
         folder = snapshot_download(preset.hub_id, revision=preset.revision, local_files_only=True)
