@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 PIP := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: install install-dev run test test-fast test-install soak reliability-doc lint bench clean
+.PHONY: install install-dev run test test-fast test-install test-image image soak reliability-doc lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,18 @@ test-fast: install-dev
 # examples and answers one queued request each, as a user's `pip install modq` would.
 test-install: install-dev
 	$(BIN)/pytest -m install tests/install
+
+# The container tier (root; installs buildah, podman, debootstrap and runc when missing):
+# hadolint on both Dockerfiles, the CPU image built from this checkout on a Debian base made
+# here (no registry needed; BASE=python:3.11-slim to use the registry's), then inside it
+# modq --version, modq scan, a worker answering through Redis, the health check and Flower.
+test-image: install-dev
+	VENV=$(VENV) docker/smoke.sh
+
+# The CPU image with buildah and this machine's pip index and CA bundle (docker/build.sh):
+#   make image [IMAGE=...] [BASE=...] [EXTRAS=torch] [TORCH_INDEX_URL=...] [EXTRA_CA=...]
+image:
+	docker/build.sh
 
 # The fault, load and hostile-input tier at full counts (10,000 requests, a 10-minute
 # decoder fuzz), then docs/reliability.md regenerated from what those tests observed.

@@ -46,6 +46,10 @@ for line in sys.stdin:
         rank = 0 if section == ":env:" else 1
         if key not in found or rank < found[key][0]:
             found[key] = (rank, " ".join(shlex.split(value)))
+for key in keys:  # the environment, also when pip itself cannot be run here
+    value = os.environ.get("PIP_" + key.upper().replace("-", "_"))
+    if value:
+        found[key] = (0, value)
 conf, mounts = ["[global]"], set()
 for key, (_, value) in sorted(found.items()):
     conf.append(f"{key} = {value}")
