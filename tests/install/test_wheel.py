@@ -179,7 +179,7 @@ def _round_trip(venv: Venv, home: Path, server: RedisServer, *model: str) -> dic
         )  # fmt: skip
         assert submitted.returncode == 0, submitted.stderr
         request_id = submitted.stdout.split("\t")[0]
-        client = redis.Redis(port=server.port, db=1)
+        client = redis.Redis(port=server.port, db=0)  # streams live on the broker's Redis
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             entries = client.xrange(stream)

@@ -10,6 +10,7 @@ the scenarios declared here.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -308,9 +309,12 @@ def save_observations(observations: list[Observation], path: Path | None = None)
     keeps the others' (each row names its test and outcome)."""
     path = path or observations_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    kept = {o.scenario: o for o in load_observations(path)} if path.exists() else {}
-    kept.update({o.scenario: o for o in observations})
-    path.write_text(json.dumps([asdict(o) for o in kept.values()], indent=2) + "\n")
+    # Parallel test processes (pytest -n) each merge their rows: one at a time.
+    with (path.parent / f".{path.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        kept = {o.scenario: o for o in load_observations(path)} if path.exists() else {}
+        kept.update({o.scenario: o for o in observations})
+        path.write_text(json.dumps([asdict(o) for o in kept.values()], indent=2) + "\n")
     return path
 
 
