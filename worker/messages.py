@@ -6,10 +6,10 @@ No heavy imports here: producers install modq to enqueue, not to infer.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 __all__ = [
     "ActionInfo",
@@ -101,6 +101,37 @@ CALLBACK_SCHEMES = ("celery", "redis-stream", "https")
 MAX_METADATA_BYTES = 16 * 1024
 
 
+# The reference syntax as patterns, so that the JSON Schemas carry it: a request the schema
+# accepts is never refused as invalid_request for its syntax. Each pattern holds in every
+# engine that reads it (pydantic's Rust regex, Python's re, ECMAScript for ajv): no
+# lookaround, no `.`, and `$` only where the string must end.
+def _ipv6() -> str:
+    """RFC 3986's IPv6address (no zone id): what ``urlsplit`` accepts between brackets."""
+    h16, octet = "[0-9A-Fa-f]{1,4}", "(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+    ls32 = rf"(?:{h16}:{h16}|{octet}(?:\.{octet}){{3}})"
+    forms = [rf"(?:{h16}:){{6}}{ls32}", rf"::(?:{h16}:){{5}}{ls32}"]
+    forms += [rf"(?:{h16})?::(?:{h16}:){{4}}{ls32}"]
+    forms += [rf"(?:(?:{h16}:){{0,{n - 1}}}{h16})?::(?:{h16}:){{{4 - n}}}{ls32}" for n in (2, 3, 4)]
+    forms += [rf"(?:(?:{h16}:){{0,4}}{h16})?::{ls32}", rf"(?:(?:{h16}:){{0,5}}{h16})?::{h16}"]
+    forms += [rf"(?:(?:{h16}:){{0,6}}{h16})?::"]
+    return "(?:" + "|".join(forms) + ")"
+
+
+_IPV6 = rf"\[{_ipv6()}\]"
+_USERINFO = r"[A-Za-z0-9._~%!$&'()*+,;=:-]*@"
+# RFC 3986 userinfo, host and port characters, or an IPv6 literal with its port
+_AUTHORITY = rf"(?:[A-Za-z0-9._~%!$&'()*+,;=:@-]+|(?:{_USERINFO})?{_IPV6}(?::[0-9]*)?)"
+_NAME = r"[A-Za-z0-9_.:-][A-Za-z0-9_.:/-]{0,255}"  # a task or stream name (worker.callbacks)
+IMAGE_PATTERN = rf"^(?:(?:s3|https?)://{_AUTHORITY}(?:[/?#]|$)|file:///)"
+CALLBACK_PATTERN = (
+    rf"^(?:celery://{_NAME}(?:\?queue=[A-Za-z0-9_.:-]{{1,256}})?"
+    rf"|redis-stream://{_NAME}"
+    rf"|https://(?:[A-Za-z0-9.-]+|{_IPV6})(?::[0-9]{{1,5}})?(?:[/?][^#]*)?)$"
+)
+#: a metadata key or value: longer than the whole budget can never fit in it
+_MetadataString = Annotated[str, StringConstraints(max_length=MAX_METADATA_BYTES)]
+
+
 def _check_uri(value: str, schemes: tuple[str, ...], what: str) -> str:
     parts = urlsplit(value)
     if parts.scheme not in schemes:
@@ -118,17 +149,26 @@ class ModerationRequest(_Frozen):
     request_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")
     image: str = Field(
         max_length=4096,
+        pattern=IMAGE_PATTERN,
         description="s3://bucket/key[?versionId=…], file:///path or https://host/path",
     )
     callback: str | None = Field(
         default=None,
         max_length=2048,
-        description="celery://task.name?queue=q, redis-stream://stream or https://host/hook",
+        pattern=CALLBACK_PATTERN,
+        description="celery://task.name?queue=q (without ?queue: Celery's default queue, "
+        "celery), redis-stream://stream or https://host/hook",
     )
-    policy: str | None = Field(default=None, max_length=256)
+    policy: str | None = Field(
+        default=None,
+        max_length=256,
+        description="a policy this worker has: default, strict, lenient or the operator's own",
+    )
     embed: bool = False
-    metadata: dict[str, str] = Field(
-        default_factory=dict, description="echoed back in the result; at most 16 KiB"
+    metadata: dict[_MetadataString, _MetadataString] = Field(
+        default_factory=dict,
+        description="echoed back in the result; keys and values together at most 16 KiB "
+        "(16384 bytes of UTF-8), which JSON Schema can only bound per string",
     )
 
     @field_validator("image")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+import standardwebhooks
 from kombu import Connection
 
 from tests.support.tls import make_tls
@@ -145,6 +146,8 @@ class Collector:
             assert verify_signature(
                 SECRET.encode(), body, headers["x-modq-timestamp"], headers["x-modq-signature"]
             ), "webhook signature does not verify"
+            # The Standard Webhooks headers, checked by that project's own verifier.
+            standardwebhooks.Webhook(SECRET.encode()).verify(body, headers)
             self._add(ModerationResult.model_validate_json(body))
 
     def _add(self, result: ModerationResult) -> None:

@@ -7,6 +7,7 @@ certificate against the hostname.
 
 from __future__ import annotations
 
+import base64
 import http.server
 import inspect
 import ipaddress
@@ -20,6 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
+import standardwebhooks
 from kombu.exceptions import OperationalError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
@@ -32,6 +34,7 @@ from worker.callbacks import (
     RedisStreamPublisher,
     WebhookPublisher,
     build_publisher,
+    signing_key,
     verify_signature,
 )
 from worker.callbacks import webhook as webhook_module
@@ -209,6 +212,45 @@ def test_webhook_delivers_signed_body_that_the_documented_snippet_verifies(
     assert not verify(SECRET.encode(), got.body + b" ", timestamp, signature)
     assert not verify(b"another secret", got.body, timestamp, signature)
     assert not verify(SECRET.encode(), got.body, str(int(timestamp) - 3600), signature)
+
+
+@pytest.mark.parametrize(
+    ("secret", "key"),
+    [(SECRET, SECRET.encode()), ("whsec_" + base64.b64encode(b"\x00k3y\xff").decode(), None)],
+)
+def test_webhook_deliveries_verify_with_the_standard_webhooks_library(
+    receiver: Receiver,
+    make_webhook: Callable[..., WebhookPublisher],
+    secret: str,
+    key: bytes | None,
+) -> None:
+    """A ``whsec_`` secret is what off-the-shelf verifiers take as is; any other secret is
+    handed to them as its bytes."""
+    publisher = make_webhook(secret=secret, retries=3)
+    receiver.statuses = [503, 200]
+    publisher.publish(receiver.url(), RESULT)
+    first, second = receiver.requests
+    verifier = standardwebhooks.Webhook(secret if key is None else key)
+    for got in (first, second):
+        assert verifier.verify(got.body, got.headers) == json.loads(RESULT.model_dump_json())
+    assert first.headers["webhook-id"] == second.headers["webhook-id"] == "req-42"
+    forged = {**second.headers, "webhook-id": "req-43"}
+    with pytest.raises(standardwebhooks.WebhookVerificationError):
+        verifier.verify(second.body, forged)
+    stale = str(int(second.headers["webhook-timestamp"]) - 3600)
+    with pytest.raises(standardwebhooks.WebhookVerificationError):
+        verifier.verify(second.body, {**second.headers, "webhook-timestamp": stale})
+    # The modq header is signed with the same key.
+    used = signing_key(secret)
+    headers = second.headers
+    assert verify_signature(
+        used, second.body, headers["X-Modq-Timestamp"], headers["X-Modq-Signature"]
+    )
+
+
+def test_a_whsec_secret_that_is_not_base64_is_refused() -> None:
+    with pytest.raises(InvalidCallback, match="not base64"):
+        signing_key("whsec_not*base64")
 
 
 def test_webhook_retries_503_then_delivers(

@@ -25,7 +25,13 @@ from worker.callbacks.base import (
 )
 from worker.callbacks.celery_task import CeleryPublisher
 from worker.callbacks.redis_stream import DEFAULT_STREAM_MAXLEN, RedisStreamPublisher, StreamClient
-from worker.callbacks.webhook import WebhookPublisher, sign, verify_signature
+from worker.callbacks.webhook import (
+    WebhookPublisher,
+    sign,
+    sign_standard,
+    signing_key,
+    verify_signature,
+)
 from worker.config import Settings
 from worker.errors import InvalidCallback
 from worker.log import get_logger
@@ -47,6 +53,8 @@ __all__ = [
     "parse_target",
     "redis_stream_client",
     "sign",
+    "sign_standard",
+    "signing_key",
     "verify_signature",
 ]
 

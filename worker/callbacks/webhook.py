@@ -19,6 +19,17 @@ Verify against the raw body, before parsing it::
         expected = "sha256=" + hmac.new(secret, signed, hashlib.sha256).hexdigest()
         return hmac.compare_digest(expected, signature) and abs(time.time() - int(timestamp)) < 300
 
+The same delivery also carries the Standard Webhooks headers (https://www.standardwebhooks.com),
+so off-the-shelf verifiers (the ``standardwebhooks`` libraries, Svix's) check it as is::
+
+    webhook-id: <request id>              webhook-timestamp: <unix seconds>
+    webhook-signature: v1,<base64 HMAC-SHA256(key, id + "." + timestamp + "." + body)>
+
+The id is the request id, the same on every retry and re-delivery, so receivers dedupe on
+it. The key: a secret written ``whsec_<base64>`` (the Standard Webhooks form) is the bytes it
+encodes; any other secret is its UTF-8 bytes (hand a verifier ``whsec_`` + their base64, or
+the raw bytes). Both signatures use the same key.
+
 Refusals, all permanent: no secret (an unsigned webhook cannot be told from a forgery),
 plain ``http://``, a host that resolves to a non-public address (the URL comes from an
 untrusted request; operators widen this with ``MODQ_HTTP_ALLOWED_NETWORKS``), any 3xx
@@ -44,6 +55,8 @@ backoff and jitter, honouring ``Retry-After``, within a budget per publish call;
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import random
@@ -66,7 +79,7 @@ from worker.messages import ModerationResult
 from worker.storage.deadline import DeadlineTransport, within
 from worker.storage.netguard import NetworkGuard
 
-__all__ = ["WebhookPublisher", "sign", "verify_signature"]
+__all__ = ["WebhookPublisher", "sign", "sign_standard", "signing_key", "verify_signature"]
 
 SIGNATURE_TOLERANCE_S = 300
 USER_AGENT = "modq-webhook/1"
@@ -79,6 +92,30 @@ def sign(secret: bytes, timestamp: str, body: bytes) -> str:
     """The ``X-Modq-Signature`` value of ``body`` sent at ``timestamp``."""
     digest = hmac.new(secret, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
     return f"sha256={digest}"
+
+
+STANDARD_SECRET_PREFIX = "whsec_"
+
+
+def signing_key(secret: str) -> bytes:
+    """The HMAC key of ``MODQ_WEBHOOK_SECRET``: a ``whsec_<base64>`` secret is the bytes it
+    encodes (the Standard Webhooks form), any other its UTF-8 bytes."""
+    if not secret.startswith(STANDARD_SECRET_PREFIX):
+        return secret.encode()
+    encoded = secret[len(STANDARD_SECRET_PREFIX) :]
+    try:
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except binascii.Error as exc:
+        raise InvalidCallback("MODQ_WEBHOOK_SECRET starts with whsec_ but is not base64") from exc
+    if not key:
+        raise InvalidCallback("MODQ_WEBHOOK_SECRET is an empty whsec_ secret")
+    return key
+
+
+def sign_standard(key: bytes, message_id: str, timestamp: str, body: bytes) -> str:
+    """The ``webhook-signature`` value (Standard Webhooks, scheme ``v1``)."""
+    signed = f"{message_id}.{timestamp}.".encode() + body
+    return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
 
 
 def verify_signature(
@@ -178,7 +215,7 @@ class WebhookPublisher:
         verify: ssl.SSLContext | None = None,
     ) -> None:
         self.guard = guard
-        self._secret = secret.encode() if secret else None
+        self._secret = signing_key(secret) if secret else None
         self.retries = retries
         self.timeout_s = timeout_s
         self.backoff_s = backoff_s
@@ -266,4 +303,7 @@ class WebhookPublisher:
             "Idempotency-Key": request_id,
             "X-Modq-Timestamp": timestamp,
             "X-Modq-Signature": sign(secret, timestamp, body),
+            "webhook-id": request_id,
+            "webhook-timestamp": timestamp,
+            "webhook-signature": sign_standard(secret, request_id, timestamp, body),
         }
