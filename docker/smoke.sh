@@ -129,7 +129,11 @@ then
 fi
 # The image's HEALTHCHECK against the running worker (podman runs it on demand: no timer
 # here without systemd).
-"${podman[@]}" healthcheck run "$worker" && echo "health check: healthy"
+if ! "${podman[@]}" healthcheck run "$worker"; then
+    echo "the worker's health check failed" >&2
+    exit 1
+fi
+echo "health check: healthy"
 
 step "flower"
 flower_port=$(free_port)
