@@ -171,15 +171,19 @@ class ModerationRequest(_Frozen):
         "(16384 bytes of UTF-8), which JSON Schema can only bound per string",
     )
 
-    @field_validator("image")
+    # Before the field's pattern, so that a wrong scheme or a missing host is named plainly;
+    # the pattern (the schema's) then checks the rest of the syntax.
+    @field_validator("image", mode="before")
     @classmethod
-    def _image_uri(cls, value: str) -> str:
-        return _check_uri(value, IMAGE_SCHEMES, "image")
+    def _image_uri(cls, value: object) -> object:
+        return _check_uri(value, IMAGE_SCHEMES, "image") if isinstance(value, str) else value
 
-    @field_validator("callback")
+    @field_validator("callback", mode="before")
     @classmethod
-    def _callback_uri(cls, value: str | None) -> str | None:
-        return None if value is None else _check_uri(value, CALLBACK_SCHEMES, "callback")
+    def _callback_uri(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        return _check_uri(value, CALLBACK_SCHEMES, "callback")
 
     @field_validator("metadata")
     @classmethod

@@ -102,6 +102,9 @@ def test_unknown_tasks_and_headerless_messages_are_dead_lettered_not_dropped(
     assert json.loads(bare["message"]["body"]) == {"hello": "modq"}
     client = redis.Redis.from_url(broker)
     assert client.llen("modq") == 0
+    deadline = time.monotonic() + 30  # "after" is acked just after its result went out
+    while client.hlen("unacked") and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert client.hlen("unacked") == 0, "a dead-lettered message was left unacked"
     text = worker.metrics()
     assert _metric(text, "modq_dead_letters_total", reason="unknown_task") == 1.0
