@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -33,7 +34,7 @@ from worker.cli_support import (
     setting_option,
     sub_app,
 )
-from worker.config import Settings
+from worker.config import Settings, settings_error
 from worker.errors import ModqError
 from worker.log import configure_logging
 from worker.optional import missing_extra
@@ -337,6 +338,8 @@ def main() -> None:
         raise SystemExit(_report(missing)) from exc
     except ModqError as exc:
         raise SystemExit(_report(exc)) from exc
+    except ValidationError as exc:  # settings read outside Settings.with_options
+        raise SystemExit(_report(settings_error(exc))) from exc
     except KeyboardInterrupt:
         raise SystemExit(EXIT_INTERRUPTED) from None
     except Exception as exc:

@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from worker.errors import ConfigError
 
 __all__ = ["Precision", "QuarantineAction", "Settings", "default_cache_dir"]
 
@@ -27,7 +29,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MODQ_", env_file=".env", extra="ignore")
 
     model: str = Field("opennsfw", description="preset, directory, .onnx file or Org/name[@rev]")
-    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?|mps)$", description="auto, cpu, cuda or cuda:N"
+    )
     precision: Precision = "auto"
     policy: str = Field("default", description="default, strict, lenient or a JSON policy file")
     max_batch_size: int = Field(32, ge=1, le=1024)
@@ -210,9 +214,12 @@ class Settings(BaseSettings):
     @classmethod
     def with_options(cls, **options: object) -> Settings:
         """The environment's settings with the command-line options that were given (not
-        None) on top."""
+        None) on top. A value modq cannot use is a ``ConfigError`` naming its variable."""
         given = {name: value for name, value in options.items() if value is not None}
-        return cls(**given)  # type: ignore[arg-type]
+        try:
+            return cls(**given)  # type: ignore[arg-type]
+        except ValidationError as exc:
+            raise settings_error(exc) from exc
 
     @property
     def task_threads(self) -> int:
@@ -230,3 +237,13 @@ class Settings(BaseSettings):
     @property
     def onnx_dir(self) -> Path:
         return self.cache_dir / "onnx"
+
+
+def settings_error(exc: ValidationError) -> ConfigError:
+    """One line per refused setting, named as the environment spells it (never its value:
+    it may be a secret)."""
+    problems = "; ".join(
+        f"MODQ_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}"
+        for e in exc.errors(include_url=False)
+    )
+    return ConfigError(problems)

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
+from types import TracebackType
+from typing import Any
 
 import structlog
 
@@ -75,12 +78,42 @@ def configure_logging(level: str = "INFO", json: bool = True) -> None:
     for name in OWN_LOGGERS:
         logging.getLogger(name).setLevel(numeric)
     logging.captureWarnings(True)
+    if json:
+        _route_uncaught_exceptions()
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.stdlib.LoggerFactory(),
         cache_logger_on_first_use=False,
     )
+
+
+def _route_uncaught_exceptions() -> None:
+    """What Python prints by itself (an exception that ends a thread, an exception in a
+    ``__del__`` or an atexit callback, one that ends the main thread) goes through the
+    handler too, as one JSON record with its traceback, instead of raw lines on stderr."""
+    uncaught = logging.getLogger("worker.uncaught")
+
+    def thread_hook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is SystemExit:
+            return
+        name = args.thread.name if args.thread is not None else "?"
+        info = (args.exc_type, args.exc_value, args.exc_traceback)
+        uncaught.error("uncaught exception in thread %s", name, exc_info=info)  # type: ignore[arg-type]
+
+    def unraisable_hook(unraisable: Any) -> None:
+        info = (unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback)
+        message = unraisable.err_msg or "exception ignored"
+        uncaught.error("%s: %r", message, unraisable.object, exc_info=info)
+
+    def main_hook(
+        kind: type[BaseException], value: BaseException, tb: TracebackType | None
+    ) -> None:
+        uncaught.critical("uncaught exception", exc_info=(kind, value, tb))
+
+    threading.excepthook = thread_hook
+    sys.unraisablehook = unraisable_hook
+    sys.excepthook = main_hook
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from worker.config import Settings
+from worker.errors import ConfigError
 from worker.messages import CacheOutcome, ModerationResult, Status
 
 if TYPE_CHECKING:
@@ -100,6 +101,18 @@ class ScanSummary:
         }
 
 
+def _check_writable(report: Path) -> None:
+    """Before any work: a report that cannot be written is a usage error, not a crash after
+    the model has loaded. Missing folders are created."""
+    try:
+        report.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the report {report}: {exc.strerror or exc}") from exc
+    if report.is_dir() or not os.access(report.parent, os.W_OK):
+        what = "is a folder" if report.is_dir() else "is in a folder modq cannot write"
+        raise ConfigError(f"cannot write the report {report}: it {what}")
+
+
 def write_results(
     results: Iterable[ModerationResult], report: TextIO, summary: ScanSummary
 ) -> Iterator[ModerationResult]:
@@ -133,6 +146,9 @@ def run_scan(
     from worker.quarantine import LocalQuarantine
     from worker.storage import LocalStore, file_ref
 
+    to_stdout = str(report) == "-"
+    if not to_stdout:
+        _check_writable(report)
     files = list(iter_files(paths, all_files))
     store = LocalStore(p if p.is_dir() else p.parent for p in paths)
     backend = load_model(
@@ -150,9 +166,6 @@ def run_scan(
     concurrency = max(
         4, min(2 * settings.max_batch_size, settings.max_batch_size + 2 * (os.cpu_count() or 1))
     )
-    to_stdout = str(report) == "-"
-    if not to_stdout:
-        report.parent.mkdir(parents=True, exist_ok=True)
     with (
         closing(build_decoder(settings)) as decoder,  # the decode backstop: decoder processes
         Pipeline(

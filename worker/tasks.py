@@ -284,16 +284,26 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
         check_visibility_timeout(settings)
         _check_pool(getattr(sender, "pool_cls", None))
         runtime = get_runtime(settings, app.send_task)
+        if settings.metrics_port:
+            _serve_metrics(settings, runtime)
+        runtime.start_sweeper(app.send_task)
     except Exception as exc:
         # Celery logs and swallows exceptions from signal handlers, then consumes anyway:
         # only leaving the process keeps the messages on the queue.
         exit_unready(exc)
-    if settings.metrics_port:
-        from prometheus_client import start_http_server
 
-        metrics.BUILD_INFO.info(_build_info(runtime))
+
+def _serve_metrics(settings: Settings, runtime: Runtime) -> None:
+    from prometheus_client import start_http_server
+
+    metrics.BUILD_INFO.info(_build_info(runtime))
+    try:
         start_http_server(settings.metrics_port, addr=settings.metrics_addr)
-    runtime.start_sweeper(app.send_task)
+    except OSError as exc:  # the port is taken, or the address is not this machine's
+        raise ConfigError(
+            f"MODQ_METRICS_ADDR={settings.metrics_addr} MODQ_METRICS_PORT="
+            f"{settings.metrics_port}: cannot serve metrics there: {exc.strerror or exc}"
+        ) from exc
 
 
 def _build_info(runtime: Runtime) -> dict[str, str]:

@@ -149,3 +149,32 @@ def test_what_escapes_a_command_gets_its_own_exit_code(
     assert "pip install 'modq[torch]'" in capsys.readouterr().err
     broken = ModuleNotFoundError("No module named 'numpy'", name="numpy")  # not an extra's
     assert _main_with(monkeypatch, broken) == EXIT_CRASH
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"MODQ_MAX_WAIT_MS": "abc"}, "MODQ_MAX_WAIT_MS"),
+        ({"MODQ_LOG_JSON": "maybe"}, "MODQ_LOG_JSON"),
+        ({"MODQ_DEVICE": "quantum"}, "MODQ_DEVICE"),
+        ({"MODQ_PERCEPTUAL_RADIUS": "999"}, "MODQ_PERCEPTUAL_RADIUS"),
+    ],
+)
+@pytest.mark.parametrize(
+    "command", [("scan", "{images}"), ("worker",), ("models", "export-onnx", "x")]
+)
+def test_a_setting_modq_cannot_use_is_exit_2_naming_its_variable(
+    tmp_path: Path, images: Path, env: dict[str, str], named: str, command: tuple[str, ...]
+) -> None:
+    done = _modq(tmp_path, *(a.replace("{images}", str(images)) for a in command), **env)
+    assert done.returncode == EXIT_USAGE, (done.stdout, done.stderr)
+    assert named in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_report_that_cannot_be_written_is_refused_before_scanning(
+    tmp_path: Path, images: Path
+) -> None:
+    (tmp_path / "a-folder").mkdir()
+    done = _modq(tmp_path, "scan", images, "--report", tmp_path / "a-folder")
+    assert done.returncode == EXIT_USAGE and "is a folder" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr

@@ -7,6 +7,7 @@ delivered beside it get their verdicts."""
 from __future__ import annotations
 
 import json
+import socket
 import os
 import signal
 import subprocess
@@ -62,7 +63,7 @@ def _queued(broker_url: str, queue: str = "modq") -> tuple[int, int]:
 # --- the runtime is built before the consumer starts ------------------------------------------
 
 
-def _unbuildable(tmp_path: Path) -> list[tuple[str, dict[str, str]]]:
+def _unbuildable(tmp_path: Path, busy_port: int) -> list[tuple[str, dict[str, str]]]:
     empty = tmp_path / "no-weights"
     empty.mkdir()
     (empty / "config.json").write_text(json.dumps({"architecture": "vit_base_patch16_224"}))
@@ -72,6 +73,9 @@ def _unbuildable(tmp_path: Path) -> list[tuple[str, dict[str, str]]]:
         ("MODQ_POLICY", {"MODQ_POLICY": str(tmp_path / "missing-policy.json")}),
         ("MODQ_QUARANTINE_URI", {"MODQ_QUARANTINE_URI": "ftp://nowhere/blocked/"}),
         ("MODQ_BANK_URL", {"MODQ_BANK_URL": f"redis://127.0.0.1:{free_port()}/0"}),
+        # the metrics endpoint is part of the runtime: a worker that cannot serve it
+        # would consume unobserved, with no pending-request sweeper
+        ("MODQ_METRICS_PORT", {"MODQ_METRICS_PORT": str(busy_port)}),
     ]
 
 
@@ -81,7 +85,10 @@ def test_a_worker_that_cannot_build_its_runtime_exits_without_taking_a_message(
     [image] = _images(tmp_path / "images", 1)
     _send(start_worker.broker_url, [("closed-1", image.as_uri())])
     seen = []
-    for setting, env in _unbuildable(tmp_path):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    for setting, env in _unbuildable(tmp_path, busy.getsockname()[1]):
         worker = WorkerProcess(
             {
                 "MODQ_BROKER_URL": start_worker.broker_url,
@@ -103,6 +110,7 @@ def test_a_worker_that_cannot_build_its_runtime_exits_without_taking_a_message(
         assert "ready." not in log, "a worker that cannot moderate must never say ready"
         assert _queued(start_worker.broker_url) == (1, 0), "the message was taken"
         seen.append(f"{setting} ({json.loads(errors[0])['error'][:60]}…) exit 3 in {took:.1f} s")
+    busy.close()
     collector = Collector(start_worker.broker_url)
     start_worker({"MODQ_ALLOWED_ROOTS": str(image.parent)})
     collector.wait_for(1, timeout=60)
