@@ -34,8 +34,10 @@ run: install
 	$(BIN)/modq scan examples/images --report modq-report.jsonl
 
 # pytest exits 5 when it collected nothing: a suite that runs no test has failed.
+# TEST_JOBS parallel test processes (pytest-xdist); each starts its own Redis and S3 server.
+TEST_JOBS ?= 2
 test: install-dev
-	$(BIN)/pytest; rc=$$?; [ $$rc -ne 5 ] || echo "no tests were collected" >&2; \
+	$(BIN)/pytest -n $(TEST_JOBS); rc=$$?; [ $$rc -ne 5 ] || echo "no tests were collected" >&2; \
 	[ $$rc -eq 0 ]
 
 test-fast: install-dev
