@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 from worker import metrics
 from worker.cache.leases import LeaseKeeper
 from worker.cache.results import ResultStore
-from worker.callbacks import Publisher
+from worker.callbacks import Publisher, answer_id
 from worker.errors import (
     CacheUnavailable,
     InternalError,
@@ -258,7 +258,25 @@ class ModerationService:
         whose request id is only a claim, and for the last resort outside any lease."""
         result = error_result(request.request_id, request.image, exc.code, str(exc))
         result = result.model_copy(update={"metadata": request.metadata or {}})
-        return self._publish(request, result, False, republished=False)
+        with answer_id():  # not the stored result: a delivery id of its own (webhook-id)
+            return self._publish(request, result, False, republished=False)
+
+    def refuse_callback(self, request: ModerationRequest) -> Handled | None:
+        """A callback no result could ever reach (a reserved queue or stream name): answered
+        ``invalid_callback`` before any work, so nothing is fetched, classified or moved for
+        a result that has nowhere to go. The error result is dead-lettered, not stored."""
+        callback = request.callback or self.default_callback
+        check = getattr(self.publisher, "check", None)
+        if callback is None or check is None:
+            return None
+        try:
+            check(callback)
+        except InvalidCallback as exc:
+            log.warning("callback refused", request_id=request.request_id, error=str(exc))
+            result = error_result(request.request_id, request.image, exc.code, str(exc))
+            result = result.model_copy(update={"metadata": request.metadata or {}})
+            return Handled(result, exc.code)
+        return None
 
     def _moderate(self, request: ModerationRequest) -> ModerationResult:
         try:

@@ -127,6 +127,10 @@ def _moderate(task: Task, runtime: Runtime, message: Any) -> dict[str, Any]:
         request_id=request.request_id, model=settings.model, task_id=task.request.id
     ):
         may_retry = task.request.retries < settings.max_retries
+        refused = runtime.service.refuse_callback(request)
+        if refused is not None:  # nowhere to answer: dead-lettered before any work
+            _after_publishing(task, runtime, message, refused, may_retry=may_retry)
+            return {"request_id": request.request_id, "status": refused.result.status.value}
         try:
             handled = runtime.service.handle(request, may_retry=may_retry)
         except RetryableError as exc:

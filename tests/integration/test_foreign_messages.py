@@ -18,7 +18,7 @@ from kombu import Connection
 
 from tests.integration.conftest import WorkerFactory
 from tests.support.images import distinct_images
-from tests.support.receivers import STREAM, Collector, drain
+from tests.support.receivers import SECRET, STREAM, Collector, drain, https_side
 from worker.celery_app import create_app
 from worker.client import Client
 from worker.config import Settings
@@ -168,13 +168,16 @@ def test_a_callback_that_cannot_be_routed_is_dead_lettered_and_not_counted(
         client.submit(ok, request_id="unroutable", callback="celery://app.on_result")
     [letter] = _dead_letters(broker, 1)
     assert letter["reason"] == "invalid_callback"
-    assert letter["result"]["status"] == Status.OK.value  # the undelivered verdict, for replay
+    # Refused before any work: the dead letter carries the error and the request, to replay.
+    assert letter["result"]["status"] == Status.ERROR.value
+    assert letter["result"]["error"]["code"] == "invalid_callback"
+    assert letter["request"]["request_id"] == "unroutable"
     assert redis.Redis.from_url(broker).llen("celery") == 0, "handed to modq's own queue"
     text = worker.metrics()
     for verdict in ("allow", "review", "block"):
         assert _metric(text, "modq_verdicts_total", verdict=verdict) == 0.0
     assert _metric(text, "modq_dead_letters_total", reason="invalid_callback") == 1.0
-    assert "not published" in worker.log()
+    assert "callback refused" in worker.log()
 
 
 def _wait_for_log(log: Any, needle: str, timeout: float = 60.0) -> None:
@@ -182,3 +185,218 @@ def _wait_for_log(log: Any, needle: str, timeout: float = 60.0) -> None:
     while needle not in log() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert needle in log(), f"{needle!r} not in the worker's log"
+
+
+def _publish_raw(
+    broker_url: str,
+    body: bytes,
+    headers: dict[str, Any] | None = None,
+    content_type: str = "application/json",
+) -> None:
+    """A message on modq's queue exactly as given: kombu's envelope, no Celery in between."""
+    with Connection(broker_url) as connection:
+        connection.Producer().publish(
+            body,
+            exchange="",
+            routing_key="modq",
+            headers=headers or {},
+            content_type=content_type,
+            content_encoding="utf-8",
+        )
+
+
+def _proto2(request: dict[str, Any]) -> bytes:
+    embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+    return json.dumps([[request], {}, embed]).encode()
+
+
+def _answered_after(broker: str, images: Path, request_id: str) -> None:
+    """The worker is alive and still moderating: a plain request gets its result."""
+    collector = Collector(broker)
+    with Client(Settings(broker_url=broker)) as client:
+        client.submit((images / "ok.jpg").as_uri(), request_id=request_id, callback=CALLBACK)
+    collector.wait_for(1, timeout=90)
+    collector.close()
+    assert request_id in collector.results
+
+
+def _no_more_dead_letters(broker: str, seconds: float = 3.0) -> list[dict[str, Any]]:
+    time.sleep(seconds)
+    return [body[0][0] for body in drain(broker, "modq.dead")]
+
+
+def _images(tmp_path: Path, seed: int) -> Path:
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "ok.jpg").write_bytes(distinct_images(1, seed=seed)[0])
+    return images
+
+
+def test_callbacks_cannot_overwrite_modqs_or_kombus_keys(
+    start_worker: WorkerFactory, tmp_path: Path
+) -> None:
+    """A stream or queue named after modq's queue, its dead-letter list, kombu's bookkeeping
+    or a key under modq's prefix is refused as ``invalid_callback`` before any work: nothing
+    is written there, the worker keeps working and later dead letters still land."""
+    images = _images(tmp_path, 44)
+    worker = start_worker({"MODQ_ALLOWED_ROOTS": str(images)})
+    broker = start_worker.broker_url
+    client_redis = redis.Redis.from_url(broker)
+    # The keys exist, with kombu's types, before the hostile callbacks arrive.
+    assert client_redis.type("_kombu.binding.modq") == b"set"
+    hostile = {
+        "dead-stream": "redis-stream://modq.dead",
+        "queue-stream": "redis-stream://modq",
+        "unacked-stream": "redis-stream://unacked",
+        "binding-stream": "redis-stream://_kombu.binding.modq",
+        "prefix-stream": "redis-stream://modq:v1:result:x",
+        "unacked-index-queue": "celery://t?queue=unacked_index",
+        "mutex-queue": "celery://t?queue=unacked_mutex",
+        "binding-queue": "celery://t?queue=_kombu.binding.celery",
+        "dead-queue": "celery://t?queue=modq.dead",
+    }
+    with Client(Settings(broker_url=broker)) as client:
+        for request_id, callback in hostile.items():
+            client.submit((images / "ok.jpg").as_uri(), request_id=request_id, callback=callback)
+    letters = _dead_letters(broker, len(hostile))
+    assert sorted(letter["request"]["request_id"] for letter in letters) == sorted(hostile)
+    for letter in letters:
+        assert letter["reason"] == "invalid_callback"
+        assert letter["result"]["status"] == Status.ERROR.value
+        assert letter["result"]["error"]["code"] == "invalid_callback"
+    for key in ("modq.dead", "modq", "unacked", "unacked_index", "unacked_mutex"):
+        assert client_redis.type(key) in (b"none", b"list", b"hash", b"zset"), key
+    assert client_redis.type("modq.dead") in (b"none", b"list")
+    assert client_redis.type("_kombu.binding.modq") == b"set"
+    assert client_redis.type("_kombu.binding.celery") in (b"none", b"set")
+    assert not client_redis.exists("modq:v1:result:x")
+    _answered_after(broker, images, "after-hostile")
+    # A dead letter after them still lands in a list (it would fail WRONGTYPE on a stream).
+    with Client(Settings(broker_url=broker)) as client:
+        client.submit((images / "gone.jpg").as_uri(), request_id="gone", callback=CALLBACK)
+    [gone] = _dead_letters(broker, 1)
+    assert gone["reason"] == "not_found"
+    assert worker.running
+    text = worker.metrics()
+    assert _metric(text, "modq_dead_letters_total", reason="invalid_callback") == len(hostile)
+
+
+def test_foreign_messages_without_an_id_give_one_dead_letter_and_leave_the_worker_up(
+    start_worker: WorkerFactory, tmp_path: Path
+) -> None:
+    """No ``id`` header (protocol 2) or field (protocol 1): Celery's own handling of the
+    unknown task raises and stops the worker, and the restored message kills the next one."""
+    images = _images(tmp_path, 45)
+    worker = start_worker({"MODQ_ALLOWED_ROOTS": str(images)})
+    broker = start_worker.broker_url
+    _publish_raw(broker, json.dumps({"hello": 1}).encode(), {"task": "other.task"})
+    _publish_raw(broker, json.dumps({"task": "foo.bar"}).encode())
+    letters = _dead_letters(broker, 2)
+    letters += _no_more_dead_letters(broker)
+    assert [letter["reason"] for letter in letters] == ["unknown_task", "unknown_task"]
+    assert {letter["message"]["headers"].get("task") for letter in letters} == {
+        "other.task",
+        None,
+    }
+    assert worker.running, worker.log()[-3000:]
+    _answered_after(broker, images, "after-no-id")
+    assert "Unrecoverable error" not in worker.log()
+    assert _metric(worker.metrics(), "modq_dead_letters_total", reason="unknown_task") == 2.0
+
+
+def test_messages_celery_chokes_on_are_dead_lettered_as_malformed(
+    start_worker: WorkerFactory, tmp_path: Path
+) -> None:
+    """A task header that is a list, ``modq.moderate`` without an ``id``, an ``eta`` Celery
+    cannot read: each is dead-lettered once, removed, and the worker survives."""
+    images = _images(tmp_path, 46)
+    worker = start_worker({"MODQ_ALLOWED_ROOTS": str(images)})
+    broker = start_worker.broker_url
+    request = {"request_id": "no-id", "image": (images / "ok.jpg").as_uri(), "callback": CALLBACK}
+    _publish_raw(broker, _proto2(request), {"task": ["a"], "id": "list-task"})
+    _publish_raw(broker, _proto2(request), {"task": "modq.moderate"})
+    _publish_raw(
+        broker, _proto2(request), {"task": "modq.moderate", "id": "bad-eta", "eta": "never"}
+    )
+    letters = _dead_letters(broker, 3)
+    letters += _no_more_dead_letters(broker)
+    by_reason = sorted(letter["reason"] for letter in letters)
+    assert by_reason == ["invalid_task", "malformed_message", "malformed_message"], letters
+    for letter in letters:
+        assert letter["error"]
+        assert letter["message"]["body"]
+    listed = next(letter for letter in letters if letter["message"]["headers"]["task"] == ["a"])
+    assert "task header" in listed["error"]
+    assert worker.running, worker.log()[-3000:]
+    _answered_after(broker, images, "after-malformed")
+    assert "Unrecoverable error" not in worker.log()
+    client = redis.Redis.from_url(broker)
+    assert client.llen("modq") == 0
+    deadline = time.monotonic() + 30
+    while client.hlen("unacked") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert client.hlen("unacked") == 0, "a refused message was left unacked"
+
+
+def test_json_celery_cannot_decode_is_dead_lettered_not_dropped(
+    start_worker: WorkerFactory, tmp_path: Path
+) -> None:
+    images = _images(tmp_path, 47)
+    worker = start_worker({"MODQ_ALLOWED_ROOTS": str(images)})
+    broker = start_worker.broker_url
+    request = {"request_id": "x", "image": (images / "ok.jpg").as_uri(), "callback": CALLBACK}
+    headers = {"task": "modq.moderate", "id": "charset"}
+    _publish_raw(broker, _proto2(request), headers, "application/json; charset=utf-8")
+    _publish_raw(broker, b'[[{"request_id": ', {"task": "modq.moderate", "id": "broken"})
+    compressed = {"task": "modq.moderate", "id": "zipped", "compression": "application/x-nope"}
+    _publish_raw(broker, _proto2(request), compressed)
+    _publish_raw(broker, b"\x80\x04K\x01.", {"task": "modq.moderate", "id": "pickled"},
+                 "application/x-python-serialize")  # fmt: skip
+    letters = _dead_letters(broker, 4)
+    letters += _no_more_dead_letters(broker)
+    reasons = {letter["message"]["headers"]["id"]: letter["reason"] for letter in letters}
+    assert reasons == {
+        "charset": "content_disallowed",
+        "broken": "undecodable",
+        "zipped": "undecodable",
+        "pickled": "content_disallowed",
+    }, letters
+    pickled = next(letter for letter in letters if letter["message"]["headers"]["id"] == "pickled")
+    assert pickled["message"]["body_encoding"] == "base64"  # kept, never unpickled
+    assert worker.running
+    _answered_after(broker, images, "after-undecodable")
+
+
+def test_an_invalid_request_answer_does_not_claim_the_request_ids_webhook_id(
+    start_worker: WorkerFactory, tmp_path: Path
+) -> None:
+    """A malformed message naming a real request id gets its ``invalid_request`` answer with a
+    derived ``webhook-id``; the real request's verdict then keeps the request id as its own."""
+    images = _images(tmp_path, 48)
+    with https_side(tmp_path / "tls") as http:
+        start_worker(
+            {
+                "MODQ_ALLOWED_ROOTS": str(images),
+                "MODQ_WEBHOOK_SECRET": SECRET,
+                "MODQ_HTTP_ALLOWED_NETWORKS": "127.0.0.1/32",
+                "SSL_CERT_FILE": str(http.ca),
+            }
+        )
+        broker = start_worker.broker_url
+        hook = f"{http.url}/hook"
+        bad = {"request_id": "shared", "image": 42, "callback": hook}
+        _publish_raw(broker, _proto2(bad), {"task": "modq.moderate", "id": "bad-one"})
+        collector = Collector(broker, http)
+        collector.wait_for(1, timeout=90)
+        with Client(Settings(broker_url=broker)) as client:
+            client.submit((images / "ok.jpg").as_uri(), request_id="shared", callback=hook)
+        collector.wait_for(2, timeout=90)
+        collector.close()
+        ids = [headers["webhook-id"] for headers, _ in http.received]
+        keys = [headers["idempotency-key"] for headers, _ in http.received]
+    invalid, real = collector.results["shared"]
+    assert invalid.error is not None and invalid.error.code == "invalid_request"
+    assert real.status is Status.OK
+    assert ids[1] == "shared" and keys[1] == "shared"
+    assert re.fullmatch(r"shared:invalid_request:[0-9a-f]{12}", ids[0]), ids
+    assert keys[0] == ids[0]

@@ -21,6 +21,9 @@ from worker.callbacks.base import (
     MemoryPublisher,
     Publisher,
     RefusingPublisher,
+    ReservedNames,
+    answer_id,
+    delivery_id,
     parse_target,
 )
 from worker.callbacks.celery_task import CeleryPublisher
@@ -47,11 +50,15 @@ __all__ = [
     "Publisher",
     "RedisStreamPublisher",
     "RefusingPublisher",
+    "ReservedNames",
     "StreamClient",
     "WebhookPublisher",
+    "answer_id",
     "build_publisher",
+    "delivery_id",
     "parse_target",
     "redis_stream_client",
+    "reserved_names",
     "sign",
     "sign_standard",
     "signing_key",
@@ -82,6 +89,14 @@ def redis_stream_client(url: str) -> StreamClient:
     return client
 
 
+def reserved_names(settings: Settings) -> ReservedNames:
+    """What no callback may write to, on the broker or the callback Redis: modq's request
+    and dead-letter queues, kombu's keys (always) and every key under ``{cache_prefix}:``."""
+    return ReservedNames(
+        (settings.queue, settings.dead_letter_queue), (f"{settings.cache_prefix}:",)
+    )
+
+
 def build_publisher(
     settings: Settings,
     send_task: Callable[..., object] | None = None,
@@ -90,12 +105,12 @@ def build_publisher(
     """The router for a worker: ``send_task`` is the Celery app's (``None`` where there is
     no broker, as in ``scan``); the stream client is made on the first stream callback."""
     celery = None
+    reserved = reserved_names(settings)
     if send_task is not None:
-        reserved = (settings.queue, settings.dead_letter_queue)
-        celery = CeleryPublisher(send_task, reserved_queues=reserved)
+        celery = CeleryPublisher(send_task, reserved=reserved)
     return CallbackRouter(
         celery=celery,
-        redis_stream=_stream_publisher(settings, redis_client_factory),
+        redis_stream=_stream_publisher(settings, redis_client_factory, reserved),
         webhook=_webhook_publisher(settings),
     )
 
@@ -117,7 +132,9 @@ def _webhook_publisher(settings: Settings) -> Publisher:
     )
 
 
-def _stream_publisher(settings: Settings, factory: Callable[[str], StreamClient]) -> Publisher:
+def _stream_publisher(
+    settings: Settings, factory: Callable[[str], StreamClient], reserved: ReservedNames
+) -> Publisher:
     url = settings.callback_redis_url or settings.broker_url
     scheme = urlsplit(url).scheme
     if scheme not in _REDIS_SCHEMES:
@@ -128,4 +145,4 @@ def _stream_publisher(settings: Settings, factory: Callable[[str], StreamClient]
         )
         log.info(reason)
         return RefusingPublisher(reason)
-    return LazyPublisher(lambda: RedisStreamPublisher(factory(url)))
+    return LazyPublisher(lambda: RedisStreamPublisher(factory(url), reserved=reserved))

@@ -8,6 +8,11 @@ stream lives on the Redis the operator configured (``MODQ_CALLBACK_REDIS_URL``, 
 broker). The approximate cap (``MAXLEN ~``, default 100 000 entries) bounds memory when no
 one consumes: Redis trims whole internal nodes, so a stream keeps at least the cap and a
 little more, and entries past it are dropped oldest first.
+
+A stream may not be named after a key modq or kombu keep on that Redis (``ReservedNames``:
+modq's queues, ``unacked*``, ``_kombu.*``, anything under modq's key prefix): an ``XADD``
+there would turn the request queue or the dead-letter list into a stream. Such a callback is
+an ``InvalidCallback``; nothing is written.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Protocol
 from redis.exceptions import RedisError, ResponseError
 from redis.typing import EncodableT, FieldT
 
-from worker.callbacks.base import parse_target
+from worker.callbacks.base import ReservedNames, parse_target
 from worker.errors import CallbackFailed, InvalidCallback
 from worker.messages import ModerationResult
 
@@ -35,12 +40,27 @@ class StreamClient(Protocol):
 
 
 class RedisStreamPublisher:
-    def __init__(self, client: StreamClient, maxlen: int | None = DEFAULT_STREAM_MAXLEN) -> None:
+    def __init__(
+        self,
+        client: StreamClient,
+        maxlen: int | None = DEFAULT_STREAM_MAXLEN,
+        reserved: ReservedNames | None = None,
+    ) -> None:
         self.client = client
         self.maxlen = maxlen
+        self.reserved = reserved or ReservedNames()
+
+    def check(self, uri: str) -> None:
+        """``InvalidCallback`` when no result could ever be added to ``uri``'s stream."""
+        self._stream(uri)
+
+    def _stream(self, uri: str) -> str:
+        stream, _ = parse_target(uri, "redis-stream")
+        self.reserved.check(stream, "redis-stream://")
+        return stream
 
     def publish(self, uri: str, result: ModerationResult) -> None:
-        stream, _ = parse_target(uri, "redis-stream")
+        stream = self._stream(uri)
         fields: dict[FieldT, EncodableT] = {
             "result": result.model_dump_json(),
             "request_id": result.request_id,

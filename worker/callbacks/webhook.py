@@ -4,7 +4,7 @@ The body is the result as compact JSON, exactly the bytes that were signed. Each
 carries::
 
     Content-Type: application/json
-    X-Modq-Request-Id: <request id>       Idempotency-Key: <request id>
+    X-Modq-Request-Id: <request id>       Idempotency-Key: <delivery id>
     X-Modq-Timestamp: <unix seconds>      X-Modq-Signature: sha256=<hex>
 
 The signature is HMAC-SHA256, keyed with ``MODQ_WEBHOOK_SECRET``, over ``timestamp + "." +
@@ -22,11 +22,15 @@ Verify against the raw body, before parsing it::
 The same delivery also carries the Standard Webhooks headers (https://www.standardwebhooks.com),
 so off-the-shelf verifiers (the ``standardwebhooks`` libraries, Svix's) check it as is::
 
-    webhook-id: <request id>              webhook-timestamp: <unix seconds>
+    webhook-id: <delivery id>             webhook-timestamp: <unix seconds>
     webhook-signature: v1,<base64 HMAC-SHA256(key, id + "." + timestamp + "." + body)>
 
-The id is the request id, the same on every retry and re-delivery, so receivers dedupe on
-it. The key: a secret written ``whsec_<base64>`` (the Standard Webhooks form) is the bytes it
+The delivery id is the request id for the request's stored result, the same on every retry
+and re-delivery, so receivers dedupe on it. An answer that is not the stored result (an
+``invalid_request`` for a message that failed validation, a last-resort ``internal``) only
+claims that request id, so it gets ``<request id>:<code>:<12 hex of sha256(body)>``
+instead, and can never make a receiver drop the real verdict as a duplicate.
+The key: a secret written ``whsec_<base64>`` (the Standard Webhooks form) is the bytes it
 encodes; any other secret is its UTF-8 bytes (hand a verifier ``whsec_`` + their base64, or
 the raw bytes). Both signatures use the same key.
 
@@ -68,6 +72,7 @@ from email.utils import parsedate_to_datetime
 
 import httpx
 
+from worker.callbacks.base import delivery_id
 from worker.errors import (
     CallbackFailed,
     ForbiddenReference,
@@ -242,10 +247,13 @@ class WebhookPublisher:
             )
         target = _Target.parse(uri)
         body = result.model_dump_json().encode()
+        delivery = delivery_id(result, body)
         deadline = time.monotonic() + self.max_total_s
         for attempt in range(self.retries + 1):
             remaining = deadline - time.monotonic()
-            retry = self._attempt(target, body, result.request_id, self._secret, remaining)
+            retry = self._attempt(
+                target, body, result.request_id, delivery, self._secret, remaining
+            )
             if retry is None:
                 log.debug("webhook_delivered", host=target.host, attempts=attempt + 1)
                 return
@@ -264,7 +272,13 @@ class WebhookPublisher:
         return max(backoff, retry.retry_after or 0.0)
 
     def _attempt(
-        self, target: _Target, body: bytes, request_id: str, secret: bytes, remaining: float
+        self,
+        target: _Target,
+        body: bytes,
+        request_id: str,
+        delivery: str,
+        secret: bytes,
+        remaining: float,
     ) -> _Retry | None:
         """One POST: ``None`` when delivered, a ``_Retry`` when another attempt may help."""
         try:
@@ -278,7 +292,7 @@ class WebhookPublisher:
             "POST",
             target.at(address),
             content=body,
-            headers=self._headers(target, body, request_id, secret),
+            headers=self._headers(target, body, request_id, delivery, secret),
             timeout=budget,
             extensions={"sni_hostname": target.host},
         )
@@ -294,16 +308,20 @@ class WebhookPublisher:
         return _classify(response, target.host)
 
     @staticmethod
-    def _headers(target: _Target, body: bytes, request_id: str, secret: bytes) -> dict[str, str]:
+    def _headers(
+        target: _Target, body: bytes, request_id: str, delivery: str, secret: bytes
+    ) -> dict[str, str]:
+        """``delivery`` (``webhook-id``, ``Idempotency-Key``) is the request id for a stored
+        result and a derived id for an answer that is not one (``delivery_id``)."""
         timestamp = str(int(time.time()))
         return {
             "Host": target.host_header,
             "Content-Type": "application/json",
             "X-Modq-Request-Id": request_id,
-            "Idempotency-Key": request_id,
+            "Idempotency-Key": delivery,
             "X-Modq-Timestamp": timestamp,
             "X-Modq-Signature": sign(secret, timestamp, body),
-            "webhook-id": request_id,
+            "webhook-id": delivery,
             "webhook-timestamp": timestamp,
-            "webhook-signature": sign_standard(secret, request_id, timestamp, body),
+            "webhook-signature": sign_standard(secret, delivery, timestamp, body),
         }
