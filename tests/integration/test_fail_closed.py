@@ -7,9 +7,9 @@ delivered beside it get their verdicts."""
 from __future__ import annotations
 
 import json
-import socket
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time

@@ -75,9 +75,7 @@ def test_kill_9_with_a_full_batch_in_flight(
     # window lasts a second or two: sample it with cheap reads (the stream's length, the
     # gauge) every 10 ms, not with the collector, whose poll blocks for a while.
     wait_until(
-        lambda: (
-            collector.redis.xlen(STREAM) > 0 and gauge(first, "modq_in_flight") >= 16
-        ),
+        lambda: collector.redis.xlen(STREAM) > 0 and gauge(first, "modq_in_flight") >= 16,
         timeout=120,
         what="a full batch in flight",
         every=0.01,

@@ -61,6 +61,8 @@ def test_exceptions_python_prints_by_itself_are_json_records(
     gc.collect()
     records = [json.loads(line) for line in stream.getvalue().splitlines()]
     by_event = {r["event"]: r for r in records}
-    assert "ValueError: in a thread" in by_event["uncaught exception in thread sweeper"]["exception"]
+    assert (
+        "ValueError: in a thread" in by_event["uncaught exception in thread sweeper"]["exception"]
+    )
     [unraisable] = [r for r in records if "__del__" in r["event"]]
     assert "RuntimeError: in __del__" in unraisable["exception"]
