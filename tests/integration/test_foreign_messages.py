@@ -18,7 +18,7 @@ from kombu import Connection
 
 from tests.integration.conftest import WorkerFactory
 from tests.support.images import distinct_images
-from tests.support.receivers import SECRET, STREAM, Collector, drain, https_side
+from tests.support.receivers import SECRET, STREAM, Collector, drain, drain_with_headers, https_side
 from worker.celery_app import create_app
 from worker.client import Client
 from worker.config import Settings
@@ -51,28 +51,17 @@ def _metric(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
-def _raw_tasks(broker_url: str, queue: str) -> list[tuple[dict[str, Any], Any]]:
-    """(headers, decoded body) of every message on ``queue``: what a Celery consumer reads."""
-    found = []
-    with Connection(broker_url) as connection:
-        simple = connection.SimpleQueue(queue)
-        while True:
-            try:
-                message = simple.get(timeout=0.2)
-            except simple.Empty:
-                break
-            found.append((dict(message.headers), json.loads(message.body)))
-            message.ack()
-        simple.close()
-    return found
+def _images(tmp_path: Path, seed: int) -> Path:
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "ok.jpg").write_bytes(distinct_images(1, seed=seed)[0])
+    return images
 
 
 def test_unknown_tasks_and_headerless_messages_are_dead_lettered_not_dropped(
     start_worker: WorkerFactory, tmp_path: Path
 ) -> None:
-    images = tmp_path / "images"
-    images.mkdir()
-    (images / "ok.jpg").write_bytes(distinct_images(1, seed=41)[0])
+    images = _images(tmp_path, 41)
     worker = start_worker({"MODQ_ALLOWED_ROOTS": str(images)})
     broker = start_worker.broker_url
     app = create_app(Settings(broker_url=broker))
@@ -114,9 +103,7 @@ def test_unknown_tasks_and_headerless_messages_are_dead_lettered_not_dropped(
 def test_celery_callbacks_go_to_celerys_default_queue_and_only_delivered_results_count(
     start_worker: WorkerFactory, tmp_path: Path
 ) -> None:
-    images = tmp_path / "images"
-    images.mkdir()
-    (images / "ok.jpg").write_bytes(distinct_images(1, seed=42)[0])
+    images = _images(tmp_path, 42)
     ok = (images / "ok.jpg").as_uri()
     missing = (images / "missing.jpg").as_uri()
     worker = start_worker({"MODQ_ALLOWED_ROOTS": str(images)})
@@ -128,7 +115,7 @@ def test_celery_callbacks_go_to_celerys_default_queue_and_only_delivered_results
     found: list[tuple[dict[str, Any], Any]] = []
     deadline = time.monotonic() + 90
     while len(found) < 2 and time.monotonic() < deadline:
-        found += _raw_tasks(broker, "celery")
+        found += drain_with_headers(broker, "celery")
         time.sleep(0.2)
     by_id = {
         ModerationResult.model_validate(body[0][0]).request_id: (headers, body)
@@ -158,9 +145,7 @@ def test_a_callback_that_cannot_be_routed_is_dead_lettered_and_not_counted(
     start_worker: WorkerFactory, tmp_path: Path
 ) -> None:
     """A worker whose own queue is Celery's default: ``celery://t`` has nowhere to go."""
-    images = tmp_path / "images"
-    images.mkdir()
-    (images / "ok.jpg").write_bytes(distinct_images(1, seed=43)[0])
+    images = _images(tmp_path, 43)
     ok = (images / "ok.jpg").as_uri()
     worker = start_worker({"MODQ_ALLOWED_ROOTS": str(images), "MODQ_QUEUE": "celery"})
     broker = start_worker.broker_url
@@ -223,13 +208,6 @@ def _answered_after(broker: str, images: Path, request_id: str) -> None:
 def _no_more_dead_letters(broker: str, seconds: float = 3.0) -> list[dict[str, Any]]:
     time.sleep(seconds)
     return [body[0][0] for body in drain(broker, "modq.dead")]
-
-
-def _images(tmp_path: Path, seed: int) -> Path:
-    images = tmp_path / "images"
-    images.mkdir()
-    (images / "ok.jpg").write_bytes(distinct_images(1, seed=seed)[0])
-    return images
 
 
 def test_callbacks_cannot_overwrite_modqs_or_kombus_keys(

@@ -21,7 +21,16 @@ from tests.support.tls import make_tls
 from worker.callbacks import verify_signature
 from worker.messages import ModerationResult
 
-__all__ = ["RESULT_QUEUE", "SECRET", "STREAM", "Collector", "HttpSide", "drain", "https_side"]
+__all__ = [
+    "RESULT_QUEUE",
+    "SECRET",
+    "STREAM",
+    "Collector",
+    "HttpSide",
+    "drain",
+    "drain_with_headers",
+    "https_side",
+]
 
 SECRET = "integration-webhook-secret"
 RESULT_QUEUE = "test-results"
@@ -96,6 +105,12 @@ def https_side(folder: Path) -> Iterator[HttpSide]:
 
 def drain(broker_url: str, queue: str) -> list[Any]:
     """Every message now on ``queue``, decoded (Celery messages: ``[args, kwargs, embed]``)."""
+    return [body for _, body in drain_with_headers(broker_url, queue)]
+
+
+def drain_with_headers(broker_url: str, queue: str) -> list[tuple[dict[str, Any], Any]]:
+    """(headers, decoded body) of every message now on ``queue``: what a Celery consumer
+    reads."""
     messages = []
     with Connection(broker_url) as connection:
         simple = connection.SimpleQueue(queue)
@@ -105,7 +120,8 @@ def drain(broker_url: str, queue: str) -> list[Any]:
             except simple.Empty:
                 break
             body = message.body
-            messages.append(json.loads(body) if isinstance(body, str | bytes) else body)
+            decoded = json.loads(body) if isinstance(body, str | bytes) else body
+            messages.append((dict(message.headers or {}), decoded))
             message.ack()
         simple.close()
     return messages
