@@ -31,6 +31,7 @@ from worker.cli_support import (
     PrecisionOpt,
     fail,
     print_json,
+    reader_may_leave,
     setting_option,
     sub_app,
 )
@@ -149,16 +150,17 @@ def scan(
     from worker.scan import run_scan
 
     try:
-        summary = run_scan(
-            settings,
-            paths,
-            report,
-            quarantine_to,
-            use_cache=not no_cache,
-            embed=embed,
-            all_files=all_files,
-            progress=_progress(),
-        )
+        with reader_may_leave():  # --report - | head
+            summary = run_scan(
+                settings,
+                paths,
+                report,
+                quarantine_to,
+                use_cache=not no_cache,
+                embed=embed,
+                all_files=all_files,
+                progress=_progress(),
+            )
     except ModqError as exc:
         raise fail(exc) from exc
     if as_json:

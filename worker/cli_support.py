@@ -11,12 +11,17 @@ Exit codes (README, "Exit codes")::
          (``worker.tasks.EXIT_UNREADY``)
     70   modq crashed (a bug): the traceback is printed
     130  interrupted (Ctrl-C)
+    141  stdout was closed early (``modq scan --report - | head``), as for a tool that
+         SIGPIPE ends
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any
 
 import typer
@@ -28,6 +33,7 @@ from worker.errors import ModqError
 __all__ = [
     "EXIT_CRASH",
     "EXIT_INTERRUPTED",
+    "EXIT_PIPE_CLOSED",
     "EXIT_POLICY",
     "EXIT_USAGE",
     "DeviceOpt",
@@ -36,6 +42,7 @@ __all__ = [
     "PrecisionOpt",
     "fail",
     "print_json",
+    "reader_may_leave",
     "setting_option",
     "sub_app",
 ]
@@ -44,6 +51,7 @@ EXIT_POLICY = 1
 EXIT_USAGE = 2
 EXIT_CRASH = 70  # sysexits' EX_SOFTWARE
 EXIT_INTERRUPTED = 130
+EXIT_PIPE_CLOSED = 141  # 128 + SIGPIPE
 
 errors = Console(stderr=True, soft_wrap=True)
 
@@ -79,4 +87,18 @@ def fail(exc: ModqError) -> typer.Exit:
 def print_json(document: object) -> None:
     """One JSON document on stdout, nothing else there (tables and progress use stderr or
     are not printed)."""
-    sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
+    with reader_may_leave():
+        sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
+        sys.stdout.flush()
+
+
+@contextmanager
+def reader_may_leave() -> Iterator[None]:
+    """Writing to stdout when its reader has gone (``| head``): exit 141, quietly, as a tool
+    that SIGPIPE ends, instead of Click's exit 1 (a policy outcome here)."""
+    try:
+        yield
+    except BrokenPipeError as exc:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush must not fail too
+        raise typer.Exit(EXIT_PIPE_CLOSED) from exc

@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 
-from tests.support.cli import run_modq
+from tests.support.cli import MODQ, modq_env, run_modq
 from worker import cli
-from worker.cli_support import EXIT_CRASH, EXIT_POLICY, EXIT_USAGE
+from worker.cli_support import EXIT_CRASH, EXIT_PIPE_CLOSED, EXIT_POLICY, EXIT_USAGE
 from worker.errors import ConfigError
 from worker.messages import ModerationResult
 
@@ -178,3 +179,22 @@ def test_a_report_that_cannot_be_written_is_refused_before_scanning(
     done = _modq(tmp_path, "scan", images, "--report", tmp_path / "a-folder")
     assert done.returncode == EXIT_USAGE and "is a folder" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_reader_that_leaves_early_is_exit_141_not_a_policy_outcome(tmp_path: Path) -> None:
+    """`modq scan --report - | head -1`: the exit a tool that SIGPIPE ends gives, not 1.
+    With embeddings each line is some 20 KB: more than a pipe holds, so the scan is still
+    writing when the reader leaves."""
+    process = subprocess.Popen(
+        [str(MODQ), "scan", str(EXAMPLES), "--embed", "--report", "-"],
+        cwd=tmp_path, env=modq_env(tmp_path / "cache"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stdout is not None and process.stderr is not None
+    first = process.stdout.readline()
+    process.stdout.close()  # as head does after its line
+    stderr = process.stderr.read().decode()
+    process.stderr.close()
+    assert process.wait(timeout=120) == EXIT_PIPE_CLOSED, stderr
+    assert ModerationResult.model_validate_json(first).status.value == "ok"
+    assert "Traceback" not in stderr
