@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from pydantic import ValidationError
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -24,7 +23,6 @@ from worker.cli_support import (
     EXIT_CRASH,
     EXIT_INTERRUPTED,
     EXIT_POLICY,
-    EXIT_USAGE,
     DeviceOpt,
     JsonOpt,
     ModelOpt,
@@ -337,20 +335,15 @@ def main() -> None:
     except ModuleNotFoundError as exc:
         if (missing := missing_extra(exc)) is None:
             raise _crashed() from exc
-        raise SystemExit(_report(missing)) from exc
+        raise SystemExit(fail(missing).exit_code) from exc
     except ModqError as exc:
-        raise SystemExit(_report(exc)) from exc
+        raise SystemExit(fail(exc).exit_code) from exc
     except ValidationError as exc:  # settings read outside Settings.with_options
-        raise SystemExit(_report(settings_error(exc))) from exc
+        raise SystemExit(fail(settings_error(exc)).exit_code) from exc
     except KeyboardInterrupt:
         raise SystemExit(EXIT_INTERRUPTED) from None
     except Exception as exc:
         raise _crashed() from exc
-
-
-def _report(exc: ModqError) -> int:
-    console.print(f"[red]error[/red] {escape(f'[{exc.code}] {exc}')}")
-    return EXIT_USAGE
 
 
 def _crashed() -> SystemExit:

@@ -22,7 +22,7 @@ from worker.banks import (
     hash_images,
     load_hash_list,
 )
-from worker.cli_support import JsonOpt, print_json, sub_app
+from worker.cli_support import JsonOpt, fail, print_json, sub_app
 from worker.config import Settings
 from worker.errors import CorruptImage, InvalidDataset, ModqError, ObjectNotFound
 
@@ -45,8 +45,7 @@ def _reported() -> Iterator[None]:
     try:
         yield
     except ModqError as exc:
-        console.print(f"[red]error[/red] {escape(f'[{exc.code}] {exc}')}")
-        raise typer.Exit(2) from exc
+        raise fail(exc) from exc
 
 
 def _image_loader(settings: Settings) -> Callable[[Path], Image.Image]:

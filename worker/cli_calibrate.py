@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -23,7 +21,7 @@ from worker.cli_support import (
     print_json,
 )
 from worker.config import Settings
-from worker.errors import ConfigError, ModqError
+from worker.errors import ModqError
 from worker.log import configure_logging
 
 if TYPE_CHECKING:
@@ -81,7 +79,7 @@ def calibrate(
         "exact_decode": exact_decode or None,
     }
     try:
-        settings = _settings(overrides)
+        settings = Settings.with_options(**overrides)  # a bad value: ConfigError
         configure_logging(settings.log_level, json=settings.logs_json(worker=False))
         result = _run(settings, labels, target_precision, target_recall, review_recall, temperature)
         from worker.calibrate import write_outputs
@@ -102,16 +100,6 @@ def calibrate(
         _print(result, written, policy_file)
     if not result.choice.met:
         raise typer.Exit(EXIT_TARGET_MISSED)
-
-
-def _settings(overrides: Mapping[str, object]) -> Settings:
-    try:
-        return Settings.with_options(**overrides)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_url=False)
-        )
-        raise ConfigError(problems) from exc
 
 
 def _run(

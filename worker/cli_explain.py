@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
-from worker.cli_support import DeviceOpt, ModelOpt
+from worker.cli_support import DeviceOpt, ModelOpt, fail
 from worker.config import Settings
 from worker.errors import ConfigError, CorruptImage, ModqError, ObjectNotFound
 
@@ -48,8 +48,7 @@ def explain(
         heatmap = explainer.explain(picture)
         _write(explainer.overlay(picture, heatmap, alpha), out, heatmap, raw)
     except ModqError as exc:
-        console.print(f"[red]error[/red] {escape(f'[{exc.code}] {exc}')}")
-        raise typer.Exit(2) from exc
+        raise fail(exc) from exc
     _print(backend, scores.nsfw_score, scores.level, heatmap, out, raw)
 
 

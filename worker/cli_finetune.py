@@ -13,11 +13,10 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich import box
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from worker.cli_support import DeviceOpt
+from worker.cli_support import DeviceOpt, fail
 from worker.config import Settings
 from worker.errors import ModqError
 from worker.log import configure_logging
@@ -166,8 +165,7 @@ def finetune(
         )
         result = run_finetune(data_dir, out, options, hooks.progress())
     except ModqError as exc:
-        console.print(f"[red]error[/red] {escape(f'[{exc.code}] {exc}')}")
-        raise typer.Exit(2) from exc
+        raise fail(exc) from exc
     finally:
         hooks.stop()
     _print_result(stdout, result)

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from worker.cli_support import sub_app
+from worker.cli_support import fail, sub_app
 from worker.config import Settings
 from worker.errors import ModqError
 from worker.log import configure_logging
@@ -32,11 +32,6 @@ def _settings(**overrides: object) -> Settings:
     # on stderr: stdout carries the results
     configure_logging(settings.log_level, json=settings.logs_json(worker=False))
     return settings
-
-
-def _fail(exc: ModqError) -> typer.Exit:
-    console.print(f"[red]error[/red] {escape(f'[{exc.code}] {exc}')}")
-    return typer.Exit(2)
 
 
 def index_build(
@@ -61,7 +56,7 @@ def index_build(
         index = VectorIndex.build(chain.from_iterable(readers))
         index.save(out)
     except ModqError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     skipped = sum(reader.skipped for reader in readers)
     Console().print(
         f"indexed {len(index)} images ({index.meta['dim']}-d, {index.model}) into {out}"
@@ -91,7 +86,7 @@ def similar(
             vector = embed_image(target, index, settings)
         neighbours = index.search(vector, k)
     except ModqError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     if as_json:
         for n in neighbours:
             print(json.dumps({"similarity": round(n.similarity, 6), **n.item.__dict__}))
@@ -134,7 +129,7 @@ def cluster(
         index = VectorIndex.open(index_dir)
         clusters = cluster_index(index, only or (), method.value, k, min_cluster_size)
     except ModqError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     members = [item for c in clusters for item in c.items[:per_sheet]]
     store = reader_for((item.where for item in members), settings)
     limits = DecodeLimits(settings.max_image_bytes, settings.max_image_pixels, 1, 1)

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from worker.cli_support import DeviceOpt, ModelOpt, setting_option
+from worker.cli_support import DeviceOpt, ModelOpt, fail, setting_option
 from worker.config import Settings
 from worker.errors import InvalidReference, ModqError
 
@@ -78,8 +78,7 @@ def submit(
                 sys.stdout.write(f"{sent.request_id}\t{sent.image}\n")
                 count += 1
     except ModqError as exc:
-        console.print(f"[red]error[/red] {escape(f'[{exc.code}] {exc}')}")
-        raise typer.Exit(2) from exc
+        raise fail(exc) from exc
     except ValueError as exc:  # a request the wire model refuses
         console.print(f"[red]invalid request[/red] {escape(str(exc))}")
         raise typer.Exit(2) from exc
