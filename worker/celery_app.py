@@ -1,4 +1,6 @@
-"""The Celery application, configured from ``Settings``; light enough for producers.
+"""The worker's Celery application, configured from ``Settings``: ``celery -A
+worker.celery_app`` and ``modq worker`` run it. Producers do not import this module
+(``worker.client`` builds its own app from ``ProducerSettings``).
 
 Delivery is at-least-once: a message is acked only when its task returns, after the result
 was published (``task_acks_late``); a worker that dies mid-task has its messages re-delivered
@@ -13,8 +15,10 @@ from typing import Any
 
 from celery import Celery
 
+from worker.client import producer_config
 from worker.config import Settings
 from worker.errors import ConfigError
+from worker.messages import DEAD_LETTER_TASK, MODERATE_TASK
 
 __all__ = [
     "DEAD_LETTER_TASK",
@@ -24,28 +28,19 @@ __all__ = [
     "create_app",
 ]
 
-MODERATE_TASK = "modq.moderate"
-DEAD_LETTER_TASK = "modq.dead_letter"
-
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     return {
-        "broker_url": settings.broker_url,
+        **producer_config(settings),
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": {
             **settings.broker_transport_options,
             "visibility_timeout": settings.visibility_timeout_s,
         },
-        "result_backend": None,  # results go to each request's callback, not to Celery
-        "task_ignore_result": True,
-        "task_serializer": "json",
-        "result_serializer": "json",
-        "accept_content": ["json"],
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "task_acks_on_failure_or_timeout": True,
         "task_time_limit": settings.task_time_limit_s,
-        "task_default_queue": settings.queue,
         "task_routes": {
             MODERATE_TASK: {"queue": settings.queue},
             DEAD_LETTER_TASK: {"queue": settings.dead_letter_queue},
@@ -64,7 +59,6 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # stored result wins and quarantine moves are idempotent.
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         "worker_send_task_events": True,  # Flower
-        "task_send_sent_event": True,
         "worker_hijack_root_logger": False,
     }
 

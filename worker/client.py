@@ -3,9 +3,11 @@
     from worker.client import submit
     request_id = submit("s3://uploads/cat.jpg", callback="redis-stream://moderation-results")
 
-Importing this module imports neither torch, timm, transformers nor boto3: producers install
-modq to enqueue, not to infer. Requests are validated here, before they reach the broker, by
-the same pydantic model the worker uses.
+Importing this module imports neither torch, timm, transformers nor boto3, reads no
+environment and builds no Celery app: producers install modq to enqueue, not to infer. A
+``Client`` reads only ``ProducerSettings`` (the broker, the queue, the key prefix), so a
+variable only the worker uses cannot stop a producer. Requests are validated here, before
+they reach the broker, by the same pydantic model the worker uses.
 """
 
 from __future__ import annotations
@@ -19,27 +21,44 @@ import redis
 from celery import Celery
 from kombu.exceptions import OperationalError
 
-from worker.celery_app import MODERATE_TASK, create_app
-from worker.config import Settings
-from worker.messages import ModerationRequest
+from worker.config import ProducerSettings
+from worker.messages import MODERATE_TASK, ModerationRequest
 from worker.pending import PendingRequests, kept_options
 
-__all__ = ["Client", "new_request_id", "submit"]
+__all__ = ["Client", "new_request_id", "producer_config", "submit"]
 
 
 def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
+def producer_config(settings: ProducerSettings) -> dict[str, Any]:
+    """The Celery configuration a producer needs, which the worker's app extends."""
+    return {
+        "broker_url": settings.broker_url,
+        "broker_transport_options": dict(settings.broker_transport_options),
+        "result_backend": None,  # results go to each request's callback, not to Celery
+        "task_ignore_result": True,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "task_default_queue": settings.queue,
+        "task_send_sent_event": True,  # Flower shows a request from when it was sent
+    }
+
+
 class Client:
     """A producer bound to one broker; reuse it (it keeps a connection pool)."""
 
-    def __init__(self, settings: Settings | None = None, *, broker_url: str | None = None):
-        settings = settings or Settings()
+    def __init__(
+        self, settings: ProducerSettings | None = None, *, broker_url: str | None = None
+    ) -> None:
+        settings = settings or ProducerSettings()
         if broker_url is not None:
             settings = settings.model_copy(update={"broker_url": broker_url})
         self.settings = settings
-        self.app: Celery = create_app(settings)
+        self.app = Celery("modq-producer", set_as_current=False)
+        self.app.conf.update(producer_config(settings))
         self.pending = PendingRequests.from_settings(settings)
 
     def request(

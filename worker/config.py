@@ -10,7 +10,13 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from worker.errors import ConfigError
 
-__all__ = ["Precision", "QuarantineAction", "Settings", "default_cache_dir"]
+__all__ = [
+    "Precision",
+    "ProducerSettings",
+    "QuarantineAction",
+    "Settings",
+    "default_cache_dir",
+]
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 QuarantineAction = Literal["move", "copy", "tag"]
@@ -25,9 +31,30 @@ def default_cache_dir() -> Path:
     return Path(base) / "modq"
 
 
-class Settings(BaseSettings):
+class ProducerSettings(BaseSettings):
+    """What a producer reads: the broker, the queue, and the key prefix of the record of
+    requests the transport may lose. ``Settings`` adds the worker's own; a producer never
+    reads them, so a variable only the worker uses cannot stop it enqueueing."""
+
     model_config = SettingsConfigDict(env_prefix="MODQ_", env_file=".env", extra="ignore")
 
+    broker_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker (Redis)")
+    queue: str = "modq"
+    cache_prefix: str = Field("modq", description="key prefix of every key modq writes")
+    broker_transport_options: dict[str, int | float | str | bool] = Field(
+        default_factory=dict,
+        description="extra kombu transport options as JSON, e.g. "
+        '{"unacked_restore_interval": 1}; visibility_timeout comes from its own setting',
+    )
+    pending_sweep_s: float = Field(
+        30.0,
+        ge=0,
+        description="Redis broker: how often a worker looks for requests the transport lost "
+        "(popped, never unacked) and re-sends them; 0 = producers record nothing, no sweep",
+    )
+
+
+class Settings(ProducerSettings):
     model: str = Field("opennsfw", description="preset, directory, .onnx file or Org/name[@rev]")
     device: str = Field(
         "auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?|mps)$", description="auto, cpu, cuda or cuda:N"
@@ -79,12 +106,10 @@ class Settings(BaseSettings):
         return worker if self.log_json is None else self.log_json
 
     # -- queue mode ------------------------------------------------------------------------
-    broker_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker (Redis)")
     cache_url: str | None = Field(
         "redis://127.0.0.1:6379/1",
         description="Redis for the verdict cache and stored results; empty disables the cache",
     )
-    cache_prefix: str = Field("modq", description="key prefix of every key modq writes")
     cache_ttl_s: int = Field(30 * 24 * 3600, ge=1, description="verdict cache entry lifetime")
     result_ttl_s: int = Field(
         7 * 24 * 3600,
@@ -110,23 +135,11 @@ class Settings(BaseSettings):
         description="deprecated and ignored (a warning is logged): perceptual matches reuse "
         "only block verdicts",
     )
-    queue: str = "modq"
     dead_letter_queue: str = "modq.dead"
     concurrency: int = Field(0, ge=0, description="task threads; 0 = 2 x max_batch_size")
     prefetch_multiplier: int = Field(1, ge=1)
     task_time_limit_s: int = Field(300, ge=1, description="hard limit of one task")
     visibility_timeout_s: int = Field(3600, ge=1, description="Redis broker visibility timeout")
-    broker_transport_options: dict[str, int | float | str | bool] = Field(
-        default_factory=dict,
-        description="extra kombu transport options as JSON, e.g. "
-        '{"unacked_restore_interval": 1}; visibility_timeout comes from its own setting',
-    )
-    pending_sweep_s: float = Field(
-        30.0,
-        ge=0,
-        description="Redis broker: how often a worker looks for requests the transport lost "
-        "(popped, never unacked) and re-sends them; 0 = producers record nothing, no sweep",
-    )
     max_retries: int = Field(8, ge=0)
     max_deliveries: int = Field(
         3,

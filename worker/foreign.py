@@ -46,8 +46,8 @@ from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu.exceptions import ContentDisallowed
 
 from worker import metrics
-from worker.celery_app import DEAD_LETTER_TASK
 from worker.log import get_logger
+from worker.messages import DEAD_LETTER_TASK
 
 __all__ = [
     "CONTENT_DISALLOWED",

@@ -12,6 +12,8 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 __all__ = [
+    "DEAD_LETTER_TASK",
+    "MODERATE_TASK",
     "ActionInfo",
     "BankMatchInfo",
     "CacheInfo",
@@ -25,6 +27,10 @@ __all__ = [
     "Timings",
     "Verdict",
 ]
+
+#: the task a request is sent to, and the one its dead letter is (names on the wire)
+MODERATE_TASK = "modq.moderate"
+DEAD_LETTER_TASK = "modq.dead_letter"
 
 
 class Verdict(StrEnum):

@@ -41,7 +41,7 @@ import redis
 from redis.exceptions import LockError
 
 from worker import metrics
-from worker.config import Settings
+from worker.config import ProducerSettings
 from worker.log import get_logger
 
 __all__ = [
@@ -145,7 +145,7 @@ class PendingRequests:
         self._renew = client.register_script(_RENEW)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> PendingRequests | None:
+    def from_settings(cls, settings: ProducerSettings) -> PendingRequests | None:
         """The record on the broker Redis; ``None`` for another broker (AMQP acknowledges a
         message only once it was delivered, so it has no such gap) or with the sweep off."""
         if settings.pending_sweep_s <= 0 or not settings.broker_url.startswith(

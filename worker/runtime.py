@@ -48,7 +48,7 @@ class Runtime:
         """Look for requests the broker lost every ``pending_sweep_s`` (see worker.pending)."""
         if self.pending is None or self.sweeper is not None:
             return
-        from worker.celery_app import MODERATE_TASK
+        from worker.messages import MODERATE_TASK
 
         queue = self.settings.queue
 

@@ -22,7 +22,7 @@ from celery.signals import (
 from pydantic import ValidationError
 
 from worker import metrics
-from worker.celery_app import DEAD_LETTER_TASK, MODERATE_TASK, check_visibility_timeout
+from worker.celery_app import check_visibility_timeout
 from worker.config import Settings
 from worker.errors import (
     ConfigError,
@@ -32,7 +32,7 @@ from worker.errors import (
     RetryableError,
 )
 from worker.log import configure_logging, get_logger
-from worker.messages import ModerationRequest
+from worker.messages import DEAD_LETTER_TASK, MODERATE_TASK, ModerationRequest
 from worker.runtime import Runtime, close_runtime, current_runtime, get_runtime
 from worker.service import Handled, TransientFailure, error_result
 
