@@ -28,7 +28,10 @@ It prints images per second, the ratios queue/floor (target >= 0.8), queue/bare 
 queue/naive (target >= 3 on the ViT-B in bf16), and where the queue's time went: the mean
 batch size and forward time the worker itself measured (its Prometheus histograms
 `modq_batch_size` and `modq_forward_seconds`, scraped before and after the timed send) and
-its CPU use. Any error result, or a result that is not the expected cache outcome, aborts.
+its CPU use: "worker CPU/image" (user + system time of the worker process and its decoder
+processes, from /proc, over the timed cache-miss phase), "floor CPU/image" (this process's
+CPU time around the timed floor run) and their ratio (target <= 1.15). Any error result, or
+a result that is not the expected cache outcome, aborts.
 Hub presets run on random-weight look-alikes (bench/out/lookalikes/, same speed).
 
     .venv/bin/python -m bench.queue_worker [--model opennsfw|falconsai|adamcodd] [--precision fp32]
@@ -87,6 +90,8 @@ NAIVE_POOL = "--pool=solo"
 LATENCY_REQUESTS = 30
 LATENCY_ALLOWANCE_MS = 30.0
 NAIVE_WARMUP = 4
+#: the worker's CPU per image over the floor's (issue 14)
+CPU_RATIO_TARGET = 1.15
 
 
 class BenchError(RuntimeError):
@@ -149,32 +154,71 @@ def check_results(
 # --- the worker's own measurements ----------------------------------------------------------
 
 
+def _minus(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
 @dataclass(frozen=True)
 class WorkerCounters:
     batches: float
     images: float
     forward_s: float
     cpu_s: float | None  # user + system CPU time of the worker process
+    #: the same for the worker and every process under it (its decoder processes), live or
+    #: reaped; the part that is not ``cpu_s`` is the decoders'
+    tree_cpu_s: float | None = None
 
     def __sub__(self, other: WorkerCounters) -> WorkerCounters:
-        cpu = None
-        if self.cpu_s is not None and other.cpu_s is not None:
-            cpu = self.cpu_s - other.cpu_s
         return WorkerCounters(
             self.batches - other.batches,
             self.images - other.images,
             self.forward_s - other.forward_s,
-            cpu,
+            _minus(self.cpu_s, other.cpu_s),
+            _minus(self.tree_cpu_s, other.tree_cpu_s),
         )
+
+
+def _stat(pid: int | str) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name (field 3, the state, comes first)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
 
 
 def process_cpu_seconds(pid: int) -> float | None:
     """User + system CPU seconds of ``pid`` and its threads, where /proc exists."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
+    fields = _stat(pid)
+    if fields is None:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of ``pid`` and of every process under it, where /proc
+    exists: each live one's own time, plus the time of the children each has reaped (a
+    decoder the pool replaced mid-phase counts in its parent's cutime once waited for). The
+    difference between two readings is the tree's CPU time in between."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (fields := _stat(entry.name)) is not None:
+            parents[int(entry.name)] = int(fields[1])
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, ppid in parents.items():
+            if ppid == parent and child not in tree:
+                tree.add(child)
+                frontier.append(child)
+    ticks = 0
+    for member in tree:
+        fields = _stat(member)
+        if fields is None:
+            if member == pid:
+                return None
+            continue  # gone since the walk: its time is in its parent's cutime
+        ticks += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def scrape(worker: WorkerProcess) -> WorkerCounters:
@@ -188,6 +232,7 @@ def scrape(worker: WorkerProcess) -> WorkerCounters:
         values.get("modq_batch_size_sum", 0.0),
         values.get("modq_forward_seconds_sum", 0.0),
         process_cpu_seconds(worker.process.pid),
+        tree_cpu_seconds(worker.process.pid),
     )
 
 
@@ -486,6 +531,26 @@ def run(args: argparse.Namespace, threads: int, out: Figures) -> None:
         naive.stop()
 
 
+def worker_cpu_report(args: argparse.Namespace, fig: Figures) -> float | None:
+    """The CPU each image cost the worker (its process and its decoder processes, user +
+    system, over the timed cache-miss phase) next to the floor's (this process, around the
+    timed floor run); returns their ratio."""
+    w = fig.worker
+    if w is None or w.tree_cpu_s is None or w.cpu_s is None or not fig.floor_cpu_ms:
+        return None
+    worker_ms = 1000 * w.tree_cpu_s / args.images
+    own_ms = 1000 * w.cpu_s / args.images
+    ratio = worker_ms / fig.floor_cpu_ms
+    print("\nCPU per image, cache misses (user + system; timed phases only):")
+    print(
+        f"  {'worker CPU/image':18} {worker_ms:6.1f} ms  (worker process {own_ms:.1f} ms + "
+        f"decoder processes {worker_ms - own_ms:.1f} ms)"
+    )
+    print(f"  {'floor CPU/image':18} {fig.floor_cpu_ms:6.1f} ms  (bench.scan.floor, this process)")
+    print(f"  {'ratio':18} {ratio:6.2f}   (target <= {CPU_RATIO_TARGET:.2f})")
+    return ratio
+
+
 def verdict(met: bool) -> str:
     return "met" if met else "NOT met"
 
@@ -533,6 +598,7 @@ def report(args: argparse.Namespace, fig: Figures) -> None:
             f"  per image, mean wall time: decode+hash+preprocess {fig.decode_ms:.0f} ms "
             f"(task threads share the cores), batcher wait {fig.queue_wait_ms:.0f} ms"
         )
+    cpu_ratio = worker_cpu_report(args, fig)
     if fig.low_load:
         parts = ", ".join(
             f"{name} {percentile(ms, 50):.0f}/{percentile(ms, 95):.0f}"
@@ -545,6 +611,11 @@ def report(args: argparse.Namespace, fig: Figures) -> None:
         f"  queue / floor >= 0.8: {fig.queue_ips / fig.floor_ips:.2f} "
         f"{verdict(fig.queue_ips >= 0.8 * fig.floor_ips)}"
     )
+    if cpu_ratio is not None:
+        print(
+            f"  worker CPU/image / floor CPU/image <= {CPU_RATIO_TARGET:.2f}: {cpu_ratio:.2f} "
+            f"{verdict(cpu_ratio <= CPU_RATIO_TARGET)}"
+        )
     ratio = fig.queue_ips / fig.naive_ips
     scope = "" if args.model != "opennsfw" else " (the target is set for the ViT-B)"
     print(f"  queue / naive >= 3: {ratio:.2f} {verdict(ratio >= 3)}{scope}")
