@@ -19,7 +19,7 @@ import typer
 from typer.testing import CliRunner
 
 from tests.support.images import flat, recompressed, textured
-from tests.support.redis_server import RedisServer, redis_server_binary
+from tests.support.redis_server import RedisServer
 from worker.banks import (
     BankInfo,
     BankMatch,
@@ -58,8 +58,6 @@ def spread(value: int, distance: int, offset: int = 0) -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    if redis_server_binary() is None:
-        pytest.skip("redis-server is not on PATH")
     with RedisServer(tmp_path_factory.mktemp("banks-redis")) as server:
         yield server
 
@@ -281,8 +279,6 @@ def test_a_decoding_client_is_refused(redis_url: str) -> None:
 
 @pytest.fixture
 def own_server(tmp_path: Path) -> Iterator[RedisServer]:
-    if redis_server_binary() is None:
-        pytest.skip("redis-server is not on PATH")
     with RedisServer(tmp_path / "redis") as server:
         yield server
 

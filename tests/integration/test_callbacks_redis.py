@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
-import shutil
-import socket
-import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
 import pytest
 import redis
 
+from tests.support.redis_server import RedisServer
 from worker.callbacks import RedisStreamPublisher, redis_stream_client
 from worker.errors import CallbackFailed, InvalidCallback
 from worker.messages import ModelInfo, ModerationResult, Status, Verdict
@@ -31,54 +27,11 @@ RESULT = ModerationResult(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@dataclass
-class RedisServer:
-    process: subprocess.Popen[bytes]
-    port: int
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(timeout=10)
-
-
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed")
-    port = _free_port()
-    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly"]
-    command += ["no", "--dir", str(tmp_path)]
-    server = RedisServer(subprocess.Popen(command, stdout=subprocess.DEVNULL), port)
-    try:
-        _wait_for_ping(server)
+    """A server of this test's own (one test kills it); without redis-server the test fails."""
+    with RedisServer(tmp_path / "redis") as server:
         yield server
-    finally:
-        server.stop()
-
-
-def _wait_for_ping(server: RedisServer, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    with redis.Redis.from_url(server.url, socket_connect_timeout=0.5) as client:
-        while True:
-            with contextlib.suppress(redis.ConnectionError):
-                if client.ping():
-                    return
-            if server.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server on port {server.port} did not start")
-            time.sleep(0.05)
 
 
 @pytest.fixture

@@ -1,29 +1,180 @@
-"""The Redis verdict cache and result store when their Redis dies, hangs and comes back.
+"""The Redis verdict cache and result store: the contract every cache and store keeps
+(tests/unit/test_cache_contract.py's suite, run here on Redis), what only Redis adds (its key
+layout, expiry), and what happens when its Redis dies, hangs and comes back.
 
 A dead Redis must cost the worker one short failure, not a timeout per image: after a failure
 the circuit breaker answers without touching the network. These tests count the connections
 the client asks its pool for instead of timing anything, and drive the breaker's clock by hand.
+Every Redis here is a redis-server of this module's own on a free port; without redis-server
+on PATH the tests fail, they never skip.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
-from tests.support.redis_server import RedisServer, free_port, redis_server_binary
-from worker.cache import CachedEntry, RedisCache, RedisResultStore
+from tests.support.redis_server import RedisServer, free_port
+from tests.unit.test_cache_contract import (
+    DHASH,
+    LAYOUT,
+    NS,
+    PHASH,
+    RADIUS,
+    CacheContract,
+    OpenCache,
+    ResultStoreContract,
+    entry,
+    sha,
+)
+from worker.cache import CachedEntry, RedisCache, RedisResultStore, ResultStore, VerdictCache
+from worker.cache.mih import parse_hash
 from worker.cache.redis import redis_client
 from worker.errors import CacheUnavailable
 
-NS = "org/model@rev1/pp2/draft512"
 SHA = "5" * 64
 ENTRY = CachedEntry({"sfw": 0.05, "nsfw": 0.95}, 1, "c3a5f00f1e2d3c4b", "0f1e2d3c4b5a6978", True)
 NEAR = "c3a5f00f1e2d3c4a"  # one bit away
+
+
+# --- the contract, on a server this module shares ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with RedisServer(tmp_path_factory.mktemp("redis-cache")) as server:
+        yield server.url
+
+
+@pytest.fixture
+def redis_raw(redis_url: str) -> Iterator[redis.Redis]:
+    """A plain client for looking behind the cache's back."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    client.close()
+
+
+def _prefix() -> str:
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+class TestRedisCacheContract(CacheContract):
+    """The verdict cache contract on Redis, each test under a prefix of its own."""
+
+    @pytest.fixture
+    def open_cache(self, redis_url: str) -> Iterator[OpenCache]:
+        prefix = _prefix()
+        opened: list[RedisCache] = []
+
+        def factory(radius: int = RADIUS, ttl_s: int = 60) -> VerdictCache:
+            cache = RedisCache(redis_url, prefix, ttl_s, radius=radius)
+            opened.append(cache)
+            return cache
+
+        yield factory
+        for cache in opened:
+            cache.close()
+
+    @pytest.fixture
+    def open_indexed(self, open_cache: OpenCache) -> OpenCache:
+        return open_cache
+
+
+class TestRedisResultStoreContract(ResultStoreContract):
+    @pytest.fixture
+    def results(self, redis_url: str) -> Iterator[ResultStore]:
+        store = RedisResultStore(redis_url, _prefix(), 60)
+        yield store
+        store.close()
+
+
+# --- what only Redis adds -----------------------------------------------------------------------
+
+
+def _redis_cache(url: str, ttl_s: int = 60) -> RedisCache:
+    return RedisCache(url, _prefix(), ttl_s, radius=RADIUS)
+
+
+def test_redis_keys_stay_under_prefix_with_layout_and_ttl(
+    redis_url: str, redis_raw: redis.Redis
+) -> None:
+    cache = _redis_cache(redis_url)
+    try:
+        cache.put(NS, sha(1), entry())
+        cache.put(NS, sha(2), entry(informative=False))
+        keys = sorted(redis_raw.keys(f"{cache.prefix}:*"))
+        chunks = LAYOUT.chunks(parse_hash(PHASH))
+        assert keys == sorted(
+            [f"{cache.prefix}:v1:{NS}:sha:{sha(n)}" for n in (1, 2)]
+            + [f"{cache.prefix}:v1:{NS}:mih7:{i}:{chunk}" for i, chunk in enumerate(chunks)]
+        )
+        assert all(0 < redis_raw.ttl(key) <= 60 for key in keys)
+        assert redis_raw.smembers(f"{cache.prefix}:v1:{NS}:mih7:3:{chunks[3]}") == {sha(1)}
+    finally:
+        cache.close()
+
+
+def test_redis_entries_and_index_expire(redis_url: str, redis_raw: redis.Redis) -> None:
+    cache = _redis_cache(redis_url, ttl_s=1)
+    try:
+        cache.put(NS, sha(1), entry())
+        assert cache.get(NS, sha(1)) == entry()
+        time.sleep(1.1)
+        assert cache.get(NS, sha(1)) is None
+        assert cache.near(NS, PHASH, DHASH, RADIUS) == []
+        assert redis_raw.keys(f"{cache.prefix}:*") == []
+    finally:
+        cache.close()
+
+
+def test_redis_drops_members_whose_entry_expired(redis_url: str, redis_raw: redis.Redis) -> None:
+    cache = _redis_cache(redis_url)
+    try:
+        cache.put(NS, sha(1), entry())
+        cache.put(NS, sha(2), entry())
+        redis_raw.delete(f"{cache.prefix}:v1:{NS}:sha:{sha(1)}")  # as if it expired
+        assert [m.sha256 for m in cache.near(NS, PHASH, DHASH, RADIUS)] == [sha(2)]
+        sets = redis_raw.keys(f"{cache.prefix}:v1:{NS}:mih7:*")
+        assert len(sets) == LAYOUT.count
+        assert all(redis_raw.smembers(key) == {sha(2)} for key in sets)
+    finally:
+        cache.close()
+
+
+def test_redis_refuses_ambiguous_keys(redis_url: str) -> None:
+    cache = _redis_cache(redis_url)
+    try:
+        for namespace in ("", "result", "result:x"):
+            with pytest.raises(ValueError):
+                cache.get(namespace, sha(1))
+        for key in ("A" * 64, "a" * 63, "a" * 63 + ":"):
+            with pytest.raises(ValueError):
+                cache.put(NS, key, entry())
+    finally:
+        cache.close()
+
+
+def test_redis_results_live_under_the_prefix_and_expire(
+    redis_url: str, redis_raw: redis.Redis
+) -> None:
+    store = RedisResultStore(redis_url, _prefix(), 1)
+    try:
+        store.put_if_absent("req-1", "{}")
+        assert redis_raw.keys(f"{store.prefix}:*") == [f"{store.prefix}:v1:result:req-1"]
+        time.sleep(1.1)
+        assert store.get("req-1") is None
+        assert store.put_if_absent("req-1", '{"again": true}') == '{"again": true}'
+    finally:
+        store.close()
+
+
+# --- Redis dead, hung and back ------------------------------------------------------------------
 
 
 class Clock:
@@ -54,8 +205,7 @@ class PoolCalls:
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[RedisServer]:
-    if redis_server_binary() is None:
-        pytest.skip("redis-server is not on PATH")
+    """A server of this test's own, to kill and hang."""
     with RedisServer(tmp_path / "redis") as server:
         yield server
 

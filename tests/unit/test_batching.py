@@ -1,4 +1,5 @@
-"""The dynamic batcher: flush rules, failure isolation, deadlines, concurrency and draining."""
+"""The dynamic batcher: flush rules, failure isolation, deadlines, concurrency and draining,
+and in front of a model (worker.models.fake: no model file, no ONNX Runtime)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 
+import numpy as np
 import pytest
 
 from worker.batching import DynamicBatcher
 from worker.errors import DeadlineExceeded, InferenceFailed
+from worker.models.backend import ModelOutput
+from worker.models.fake import FakeBackend, image_with_score
 
 # Generous bounds: these tests check behaviour, not the speed of the machine running them.
 SETTLE = 2.0
@@ -199,3 +203,23 @@ def test_close_drains_queued_items() -> None:
 def test_invalid_batch_size_is_refused() -> None:
     with pytest.raises(ValueError):
         DynamicBatcher(Recorder(), max_batch_size=0)
+
+
+def test_a_model_behind_the_batcher_gives_each_image_its_own_score() -> None:
+    """Batched forward passes of a model, as the pipeline runs them: every image still gets
+    the score of its own pixels, whatever batch it rode in."""
+    model = FakeBackend(delay_s=0.01)
+    wanted = [0.01 + i * 0.98 / 39 for i in range(40)]
+    arrays = [model.preprocess(image_with_score(score)) for score in wanted]
+
+    def run(batch: list[np.ndarray]) -> list[ModelOutput]:
+        output = model.forward(np.stack(batch))
+        return [model.postprocess(output, i) for i in range(len(batch))]
+
+    with DynamicBatcher(run, max_batch_size=8, max_wait_ms=50) as batcher:
+        futures = [batcher.submit(array) for array in arrays]
+        scores = [f.result(timeout=SETTLE * 5).scores.nsfw_score for f in futures]
+    assert scores == pytest.approx(wanted, abs=0.01)
+    assert model.images_scored == 40
+    assert max(model.batch_sizes) <= 8
+    assert max(model.batch_sizes) > 1  # the queue filled while a batch ran: it batched

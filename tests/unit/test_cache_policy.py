@@ -1,146 +1,19 @@
-"""Verdict caches (one contract, two implementations) and the scores-to-verdict policy."""
+"""The scores-to-verdict policy: thresholds, named policies and policy files.
+
+The verdict caches' contract is tests/unit/test_cache_contract.py (memory, SQLite) and
+tests/integration/test_redis_cache.py (Redis)."""
 
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from worker.cache import CachedEntry, MemoryCache, SQLiteCache, VerdictCache
 from worker.errors import ConfigError
 from worker.messages import Verdict
 from worker.models.card import ModelCard
 from worker.policy import POLICY_NAMES, Policy, load_policy
-
-SHA_A = "a" * 64
-SHA_B = "b" * 64
-NS_1 = "model-one@rev1/pp1/draft512"
-NS_2 = "model-two@rev1/pp1/draft512"
-
-
-def _entry(nsfw: float, frames: int = 1) -> CachedEntry:
-    probabilities = {"sfw": 1.0 - nsfw, "nsfw": nsfw}
-    return CachedEntry(probabilities, frames, "8f0f0f0f0f0f0f0f", "00ff00ff00ff00ff")
-
-
-# --- the cache contract ---------------------------------------------------------------------
-
-
-@pytest.fixture(params=["memory", "sqlite"])
-def make_cache(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> Iterator[Callable[[], VerdictCache]]:
-    """A factory: every call opens the same cache (for SQLite, the same file) again."""
-    opened: list[SQLiteCache] = []
-    memory = MemoryCache()
-
-    def factory() -> VerdictCache:
-        if request.param == "memory":
-            return memory
-        cache = SQLiteCache(tmp_path / "cache" / "verdicts.sqlite3")
-        opened.append(cache)
-        return cache
-
-    yield factory
-    for cache in opened:
-        cache.close()
-
-
-def test_miss_returns_none(make_cache: Callable[[], VerdictCache]) -> None:
-    assert make_cache().get(NS_1, SHA_A) is None
-
-
-def test_put_get_roundtrip(make_cache: Callable[[], VerdictCache]) -> None:
-    cache = make_cache()
-    entry = _entry(0.123456789, frames=3)
-    cache.put(NS_1, SHA_A, entry)
-    got = cache.get(NS_1, SHA_A)
-    assert got == entry
-    assert got is not None and got.probabilities["nsfw"] == 0.123456789
-    assert cache.get(NS_1, SHA_B) is None
-
-
-def test_put_replaces(make_cache: Callable[[], VerdictCache]) -> None:
-    cache = make_cache()
-    cache.put(NS_1, SHA_A, _entry(0.1))
-    cache.put(NS_1, SHA_A, _entry(0.9))
-    assert cache.get(NS_1, SHA_A) == _entry(0.9)
-
-
-def test_namespaces_are_isolated(make_cache: Callable[[], VerdictCache]) -> None:
-    cache = make_cache()
-    cache.put(NS_1, SHA_A, _entry(0.1))
-    assert cache.get(NS_2, SHA_A) is None
-    cache.put(NS_2, SHA_A, _entry(0.7))
-    assert cache.get(NS_1, SHA_A) == _entry(0.1)
-    assert cache.get(NS_2, SHA_A) == _entry(0.7)
-
-
-def test_entry_without_hashes_roundtrips(make_cache: Callable[[], VerdictCache]) -> None:
-    cache = make_cache()
-    entry = CachedEntry({"neutral": 0.7, "low": 0.2, "medium": 0.05, "high": 0.05})
-    cache.put(NS_1, SHA_B, entry)
-    assert cache.get(NS_1, SHA_B) == entry
-
-
-def test_many_threads(make_cache: Callable[[], VerdictCache]) -> None:
-    cache = make_cache()
-    errors: list[BaseException] = []
-    start = threading.Barrier(8)
-
-    def worker(t: int) -> None:
-        try:
-            start.wait()
-            for i in range(40):
-                sha = f"{t:02d}{i:062d}"
-                cache.put(NS_1, sha, _entry(i / 100))
-                assert cache.get(NS_1, sha) == _entry(i / 100)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
-    assert not errors
-    for t in range(8):
-        for i in range(40):
-            assert cache.get(NS_1, f"{t:02d}{i:062d}") == _entry(i / 100)
-
-
-def test_sqlite_persists_across_reopen(tmp_path: Path) -> None:
-    path = tmp_path / "nested" / "dir" / "verdicts.sqlite3"
-    first = SQLiteCache(path)
-    first.put(NS_1, SHA_A, _entry(0.42, frames=5))
-    first.close()
-    assert path.is_file()
-    second = SQLiteCache(path)
-    try:
-        assert second.get(NS_1, SHA_A) == _entry(0.42, frames=5)
-        assert second.get(NS_2, SHA_A) is None
-    finally:
-        second.close()
-
-
-def test_sqlite_two_open_handles_see_each_other(tmp_path: Path) -> None:
-    path = tmp_path / "verdicts.sqlite3"
-    writer, reader = SQLiteCache(path), SQLiteCache(path)
-    try:
-        writer.put(NS_1, SHA_B, _entry(0.3))
-        assert reader.get(NS_1, SHA_B) == _entry(0.3)
-    finally:
-        writer.close()
-        reader.close()
-
-
-def test_cached_entry_json_roundtrip() -> None:
-    entry = _entry(0.25, frames=2)
-    assert CachedEntry.from_json(entry.to_json()) == entry
-
 
 # --- policy -----------------------------------------------------------------------------------
 
