@@ -29,9 +29,8 @@ import time
 import numpy as np
 
 from bench.scan import OUT, make_images
+from worker.actions import Actions
 from worker.embeddings import EmbeddingRecord, ShardSink
-from worker.embeddings.tap import EmbeddingTap
-from worker.extras import Extras
 from worker.models.backend import Backend
 from worker.models.precision import load_model
 from worker.pipeline import Pipeline, PipelineOptions
@@ -44,11 +43,12 @@ from worker.storage.folders import LocalFolder
 def scan_rate(backend: Backend, paths: list[Path], batch: int, sink_dir: Path | None) -> float:
     store = LocalStore([paths[0].parent])
     options = PipelineOptions(max_batch_size=batch)
-    tap = None if sink_dir is None else EmbeddingTap(ShardSink(LocalFolder(sink_dir), "jsonl"))
+    sink = None if sink_dir is None else ShardSink(LocalFolder(sink_dir), "jsonl")
     concurrency = max(4, min(2 * batch, batch + 2 * (os.cpu_count() or 1)))  # as run_scan
     policy = Policy("bench", 0.5, 0.9)
     started = time.perf_counter()
-    with Pipeline(backend, store, policy, None, None, options, extras=Extras(tap=tap)) as pipeline:
+    actions = Actions(sink=sink)
+    with Pipeline(backend, store, policy, actions=actions, options=options) as pipeline:
         results = list(pipeline.process_many(map(file_ref, paths), concurrency))
     seconds = time.perf_counter() - started  # includes writing the last shard at close
     assert all(r.error is None for r in results), [r.error for r in results if r.error]

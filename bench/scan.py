@@ -132,7 +132,7 @@ def scan(
     )
     store = LocalStore([paths[0].parent])
     concurrency = max(4, min(2 * batch, batch + 2 * (os.cpu_count() or 1)))  # as run_scan
-    with Pipeline(backend, store, Policy("bench", 0.5, 0.9), None, None, options) as pipeline:
+    with Pipeline(backend, store, Policy("bench", 0.5, 0.9), options=options) as pipeline:
         started = time.perf_counter()
         results = list(pipeline.process_many(map(file_ref, paths), concurrency))
         elapsed = time.perf_counter() - started

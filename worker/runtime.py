@@ -1,8 +1,13 @@
-"""Everything one worker process holds, built once from ``Settings``: the model on its device,
-the pipeline and its batcher, the stores, the Redis cache and result store, the publishers.
+"""The composition root: everything one process holds, built once from ``Settings``. The
+model on its device with its batcher, the stores, the verdict cache, the hash banks, the
+actions (quarantine, heatmaps, embedding sink), and in queue mode the result store, the
+leases, the publishers and the service.
 
-Knows nothing of Celery beyond the ``send_task`` callable that ``celery://`` callbacks and the
-dead-letter queue use.
+Every front end builds its runtime here and passes only what differs: ``modq scan`` its
+folder store, its embedded SQLite cache and its quarantine folder; the queue worker the
+``send_task`` that ``celery://`` callbacks and the dead-letter queue use; ``modq calibrate``
+and ``modq similar`` no cache, no quarantine and no extras. No other module wires the
+pipeline or loads the model. Knows nothing of Celery beyond ``send_task``.
 """
 
 from __future__ import annotations
@@ -11,38 +16,63 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Final
 
+from worker.actions import Actions
+from worker.banks.gate import BankGate
+from worker.cache import VerdictCache
 from worker.cache.leases import LeaseKeeper, RedisLeases
 from worker.cache.results import ResultStore
 from worker.config import Settings
 from worker.decodepool import Decoder, build_decoder
 from worker.errors import ConfigError
-from worker.extras import Extras
 from worker.log import get_logger
+from worker.models.backend import Backend
 from worker.optional import missing_extra
 from worker.pending import PendingRequests, Sweeper, resend_options
 from worker.pipeline import PerceptualOptions, Pipeline, PipelineOptions
 from worker.policy import POLICY_NAMES, Policy, load_policy
+from worker.quarantine import Quarantine
 from worker.service import DeliveryRules, ModerationService
+from worker.storage import ObjectStore
 
-__all__ = ["Runtime", "build_runtime", "close_runtime", "current_runtime", "get_runtime"]
+__all__ = [
+    "FROM_SETTINGS",
+    "Runtime",
+    "build_runtime",
+    "close_runtime",
+    "current_runtime",
+    "get_runtime",
+]
 
 log = get_logger(__name__)
 
 SendTask = Callable[..., Any]
 
 
+class _FromSettings:
+    def __repr__(self) -> str:
+        return "FROM_SETTINGS"
+
+
+#: a part of the runtime built as the settings say (the default of every choice)
+FROM_SETTINGS: Final = _FromSettings()
+
+
 @dataclass
 class Runtime:
     settings: Settings
+    backend: Backend
     pipeline: Pipeline
-    service: ModerationService
+    #: the policies a request may name (the configured one under its own name too)
+    policies: dict[str, Policy]
+    #: the decode backstop's pool of decoder processes (worker.decodepool)
+    decoder: Decoder
+    #: queue mode: stored results, leases, publishers
+    service: ModerationService | None = None
     #: the producers' record of requests on a Redis broker (``None`` on another broker)
     pending: PendingRequests | None = None
     sweeper: Sweeper | None = None
-    #: the decode backstop's pool of decoder processes (worker.decodepool)
-    decoder: Decoder | None = None
 
     def start_sweeper(self, send_task: SendTask) -> None:
         """Look for requests the broker lost every ``pending_sweep_s`` (see worker.pending)."""
@@ -69,11 +99,19 @@ class Runtime:
             self.sweeper.stop()
         if self.pending is not None:
             self.pending.close()
-        if self.service.leases is not None:
+        if self.service is not None and self.service.leases is not None:
             self.service.leases.close()
         self.pipeline.close()
-        if self.decoder is not None:
-            self.decoder.close()
+        close = getattr(self.pipeline.cache, "close", None)
+        if close is not None:
+            close()
+        self.decoder.close()
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _policies(settings: Settings, pipeline_policy: Policy, card: Any) -> dict[str, Policy]:
@@ -98,15 +136,23 @@ def _building(setting: str, value: object = None) -> Iterator[None]:
         raise ConfigError(f"{named}: {type(exc).__name__}: {exc}") from exc
 
 
-def build_runtime(settings: Settings, send_task: SendTask) -> Runtime:
-    """Build every part a worker needs before it takes a message; any failure is a
-    ``ConfigError`` naming the setting behind it (the worker then exits without consuming)."""
-    from worker.cache.redis import RedisCache, redis_client
-    from worker.cache.results import RedisResultStore
-    from worker.callbacks import build_publisher
+def build_runtime(
+    settings: Settings,
+    *,
+    store: ObjectStore | None = None,
+    cache: VerdictCache | _FromSettings | None = FROM_SETTINGS,
+    quarantine: Quarantine | _FromSettings | None = FROM_SETTINGS,
+    extras: bool = True,
+    embed: bool = False,
+    send_task: SendTask | None = None,
+) -> Runtime:
+    """Build every part before the first image; any failure is a ``ConfigError`` naming the
+    setting behind it (a worker then exits without consuming). ``store``: the references'
+    store (default: every scheme the settings allow); ``cache`` and ``quarantine``: given, or
+    as the settings say; ``extras``: the hash banks, embedding sink and review heatmaps the
+    settings name; ``send_task``: queue mode (a service with its result store, leases and
+    publishers)."""
     from worker.models.precision import load_model
-    from worker.quarantine import build_quarantine
-    from worker.storage.router import build_store
 
     with _building("MODQ_MODEL", settings.model):
         backend = load_model(
@@ -115,50 +161,112 @@ def build_runtime(settings: Settings, send_task: SendTask) -> Runtime:
     with _building("MODQ_POLICY", settings.policy):
         policy = load_policy(settings.policy, backend.card)
         policies = _policies(settings, policy, backend.card)
-    with _building("MODQ_ALLOWED_ROOTS / MODQ_ALLOWED_BUCKETS / MODQ_S3_ENDPOINT_URL"):
-        store = build_store(settings)
-    cache: RedisCache | None = None
-    results: ResultStore | None = None
-    leases: LeaseKeeper | None = None
-    if settings.cache_url:
-        with _building("MODQ_CACHE_URL", settings.cache_url):
-            client = redis_client(settings.cache_url)  # one pool: cache, results, leases
-            cache = RedisCache.from_settings(settings, client)
-            results = RedisResultStore.from_settings(settings, client)
-            leases = LeaseKeeper(
-                RedisLeases(client, settings.cache_prefix, settings.result_ttl_s),
-                settings.lease_ttl_s,
-            )
-    with _building("MODQ_BANK_URL / MODQ_EMBEDDING_SINK / MODQ_REVIEW_HEATMAPS_URI"):
-        extras = Extras.from_settings(settings, backend, banks_until_read=True)
-        if extras.banks is not None:
-            extras.banks.probe()
-    with _building("MODQ_QUARANTINE_URI", settings.quarantine_uri):
-        quarantine = build_quarantine(settings, store)
-    with _building("MODQ_DEFAULT_CALLBACK / MODQ_CALLBACK_REDIS_URL", settings.default_callback):
-        publisher = build_publisher(settings, send_task)
+    if store is None:
+        from worker.storage.router import build_store
+
+        with _building("MODQ_ALLOWED_ROOTS / MODQ_ALLOWED_BUCKETS / MODQ_S3_ENDPOINT_URL"):
+            store = build_store(settings)
+    queue = _QueueParts.build(settings, send_task) if send_task is not None else None
+    if isinstance(cache, _FromSettings):
+        cache = queue.cache if queue is not None else None
+    banks, actions = _extras(settings, backend, queue is not None) if extras else (None, Actions())
+    if isinstance(quarantine, _FromSettings):
+        from worker.quarantine import build_quarantine
+
+        with _building("MODQ_QUARANTINE_URI", settings.quarantine_uri):
+            quarantine = build_quarantine(settings, store)
+    actions.quarantine = quarantine
     with _building("MODQ_DECODE_PROCESSES", settings.decode_processes):
         decoder = build_decoder(settings)  # the decode backstop: decoder processes
     pipeline = Pipeline(
         backend,
         store,
         policy,
-        cache,
-        quarantine,
-        replace(PipelineOptions.from_settings(settings), decoder=decoder.decode),
-        PerceptualOptions.from_settings(settings),
-        extras,
+        cache=cache,
+        banks=banks,
+        actions=actions,
+        options=replace(PipelineOptions.from_settings(settings, embed), decoder=decoder.decode),
+        perceptual=PerceptualOptions.from_settings(settings),
     )
-    rules = DeliveryRules(
-        max_deliveries=settings.max_deliveries, lease_wait_s=settings.task_time_limit_s
-    )
-    service = ModerationService(
-        pipeline, publisher, results, policies, settings.default_callback, leases, rules
-    )
-    log.info("worker ready", model=backend.describe(), batch=settings.max_batch_size)
-    return Runtime(
-        settings, pipeline, service, PendingRequests.from_settings(settings), decoder=decoder
-    )
+    runtime = Runtime(settings, backend, pipeline, policies, decoder)
+    if queue is not None:
+        runtime.service = queue.service(pipeline, policies)
+        runtime.pending = PendingRequests.from_settings(settings)
+        log.info("worker ready", model=backend.describe(), batch=settings.max_batch_size)
+    return runtime
+
+
+def _extras(
+    settings: Settings, backend: Backend, banks_until_read: bool
+) -> tuple[BankGate | None, Actions]:
+    """The hash banks, and the actions beside quarantine, each off unless configured.
+    ``banks_until_read``: images wait for the bank list until it has been read once."""
+    with _building("MODQ_BANK_URL", settings.bank_url):
+        banks = BankGate.from_settings(settings, until_read=banks_until_read)
+        if banks is not None:
+            banks.probe()  # banks that must be read and cannot be: refuse to start at all
+    sink = heatmaps = None
+    if settings.embedding_sink:
+        from worker.embeddings import open_sink
+
+        with _building("MODQ_EMBEDDING_SINK", settings.embedding_sink):
+            sink = open_sink(settings.embedding_sink, settings)
+    if settings.review_heatmaps_uri:
+        from worker.explain.attach import ReviewHeatmaps
+
+        with _building("MODQ_REVIEW_HEATMAPS_URI", settings.review_heatmaps_uri):
+            heatmaps = ReviewHeatmaps.from_settings(settings, settings.review_heatmaps_uri, backend)
+    return banks, Actions(heatmaps=heatmaps, sink=sink)
+
+
+@dataclass
+class _QueueParts:
+    """What queue mode adds: one Redis pool for the cache, the stored results and the
+    leases, and the publishers."""
+
+    settings: Settings
+    send_task: SendTask
+    cache: VerdictCache | None = None
+    results: ResultStore | None = None
+    leases: LeaseKeeper | None = None
+
+    @classmethod
+    def build(cls, settings: Settings, send_task: SendTask) -> _QueueParts:
+        parts = cls(settings, send_task)
+        if settings.cache_url:
+            from worker.cache.redis import RedisCache, redis_client
+            from worker.cache.results import RedisResultStore
+
+            with _building("MODQ_CACHE_URL", settings.cache_url):
+                client = redis_client(settings.cache_url)  # one pool: cache, results, leases
+                parts.cache = RedisCache.from_settings(settings, client)
+                parts.results = RedisResultStore.from_settings(settings, client)
+                parts.leases = LeaseKeeper(
+                    RedisLeases(client, settings.cache_prefix, settings.result_ttl_s),
+                    settings.lease_ttl_s,
+                )
+        return parts
+
+    def service(self, pipeline: Pipeline, policies: dict[str, Policy]) -> ModerationService:
+        from worker.callbacks import build_publisher
+
+        settings = self.settings
+        with _building(
+            "MODQ_DEFAULT_CALLBACK / MODQ_CALLBACK_REDIS_URL", settings.default_callback
+        ):
+            publisher = build_publisher(settings, self.send_task)
+        rules = DeliveryRules(
+            max_deliveries=settings.max_deliveries, lease_wait_s=settings.task_time_limit_s
+        )
+        return ModerationService(
+            pipeline,
+            publisher,
+            self.results,
+            policies,
+            settings.default_callback,
+            self.leases,
+            rules,
+        )
 
 
 _lock = threading.Lock()
@@ -166,11 +274,11 @@ _runtime: Runtime | None = None
 
 
 def get_runtime(settings: Settings, send_task: SendTask) -> Runtime:
-    """This process's runtime, built on first use: the model loads once per process."""
+    """This worker process's runtime, built on first use: the model loads once per process."""
     global _runtime
     with _lock:
         if _runtime is None:
-            _runtime = build_runtime(settings, send_task)
+            _runtime = build_runtime(settings, send_task=send_task)
         return _runtime
 
 

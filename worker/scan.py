@@ -7,8 +7,8 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from contextlib import closing, nullcontext
-from dataclasses import dataclass, field, replace
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -135,15 +135,11 @@ def run_scan(
     all_files: bool = False,
     progress: Progress | None = None,
 ) -> ScanSummary:
-    """Wire the pipeline from ``settings`` and scan ``paths`` into ``report`` (JSONL; ``-``
-    is stdout)."""
+    """Build the runtime for ``paths`` and scan them into ``report`` (JSONL; ``-`` is
+    stdout): assess, act, write, image by image."""
     from worker.cache import SQLiteCache
-    from worker.decodepool import build_decoder
-    from worker.extras import Extras
-    from worker.models.precision import load_model
-    from worker.pipeline import PerceptualOptions, Pipeline, PipelineOptions
-    from worker.policy import load_policy
     from worker.quarantine import LocalQuarantine
+    from worker.runtime import build_runtime
     from worker.storage import LocalStore, file_ref
 
     to_stdout = str(report) == "-"
@@ -151,36 +147,21 @@ def run_scan(
         _check_writable(report)
     files = list(iter_files(paths, all_files))
     store = LocalStore(p if p.is_dir() else p.parent for p in paths)
-    backend = load_model(
-        settings.model, settings.device, settings.precision, settings.threads, settings.onnx_dir
-    )
-    options = PipelineOptions.from_settings(settings, embed=embed)
     cache = SQLiteCache(settings.verdict_db, settings.perceptual_radius) if use_cache else None
     quarantine = LocalQuarantine(quarantine_to, store) if quarantine_to else None
-    extras = Extras.from_settings(settings, backend)
-    if extras.banks is not None:
-        extras.banks.probe()  # banks that must be read and cannot be: refuse to scan at all
-    summary = ScanSummary(model=backend.describe())
     # Enough threads to fill a batch while one runs, bounded by the cores: each thread holds
     # its decoded frames until its batch returns.
     concurrency = max(
         4, min(2 * settings.max_batch_size, settings.max_batch_size + 2 * (os.cpu_count() or 1))
     )
     with (
-        closing(build_decoder(settings)) as decoder,  # the decode backstop: decoder processes
-        Pipeline(
-            backend,
-            store,
-            load_policy(settings.policy, backend.card),
-            cache,
-            quarantine,
-            replace(options, decoder=decoder.decode),
-            PerceptualOptions.from_settings(settings),
-            extras,
-        ) as pipeline,
+        build_runtime(
+            settings, store=store, cache=cache, quarantine=quarantine, embed=embed
+        ) as runtime,
         nullcontext(sys.stdout) if to_stdout else report.open("w") as out,
     ):
-        results = pipeline.process_many((file_ref(f) for f in files), concurrency)
+        summary = ScanSummary(model=runtime.backend.describe())
+        results = runtime.pipeline.process_many((file_ref(f) for f in files), concurrency)
         if progress is None:
             for _ in write_results(results, out, summary):
                 pass
@@ -189,6 +170,4 @@ def run_scan(
                 task = progress.add_task("scan", total=len(files))
                 for _ in write_results(results, out, summary):
                     progress.advance(task)
-    if cache is not None:
-        cache.close()
     return summary

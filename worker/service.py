@@ -5,16 +5,17 @@
                   └─▶ lease (wait while another delivery holds it) ─▶ count the delivery
                         ─▶ too many? ─yes─▶ too_many_deliveries ─┐
                               │ no                               ▼
-                              └─▶ pipeline ─▶ retry? ─▶ store once ─▶ quarantine ─▶ publish
-                                                                        │ error result or
-                                                                        ▼ undeliverable
-                                                                   dead letter
+                              └─▶ assess ─▶ store once ─▶ act ─▶ publish
+                                                                  │ error result or
+                                                                  ▼ undeliverable
+                                                             dead letter
 
 Only the holder of a request's lease (``worker.cache.leases``) fetches, classifies and acts;
 another delivery of the same request waits, then publishes the holder's stored result, so
 overlapping deliveries publish one result and take one action. The verdict is stored (first
 writer wins) before the source is touched and before anything is published; a delivery that
-takes over from a dead holder finds it and finishes the quarantine action, idempotently.
+takes over from a dead holder finds it and finishes the quarantine action, idempotently
+(``Actions.finish``).
 
 Deliveries that start work are counted; a count that survives its delivery means the process
 died holding the request. A request with such a history runs alone in this process (so a
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from worker import metrics
+from worker.actions import Assessed
 from worker.cache.leases import LeaseKeeper
 from worker.cache.results import ResultStore
 from worker.callbacks import Publisher, answer_id
@@ -40,6 +42,7 @@ from worker.errors import (
     InternalError,
     InvalidCallback,
     InvalidRequest,
+    ModqError,
     PermanentError,
     RetryableError,
     TooManyDeliveries,
@@ -49,19 +52,9 @@ from worker.messages import ErrorInfo, ModerationRequest, ModerationResult, Stat
 from worker.pipeline import Pipeline
 from worker.policy import Policy
 
-__all__ = ["DeliveryRules", "Handled", "LeaseBusy", "ModerationService", "TransientFailure"]
+__all__ = ["DeliveryRules", "Handled", "LeaseBusy", "ModerationService", "error_result"]
 
 log = get_logger(__name__)
-
-
-class TransientFailure(RetryableError):
-    """A retryable failure the pipeline reported on its result; ``error`` says which."""
-
-    code = "transient"
-
-    def __init__(self, error: ErrorInfo) -> None:
-        super().__init__(f"{error.code}: {error.message}")
-        self.error = error
 
 
 class LeaseBusy(RetryableError):
@@ -102,6 +95,7 @@ class ModerationService:
         rules: DeliveryRules | None = None,
     ) -> None:
         self.pipeline = pipeline
+        self.actions = pipeline.actions
         self.publisher = publisher
         self.results = results
         self.policies = policies
@@ -150,7 +144,7 @@ class ModerationService:
         deadline = time.monotonic() + self.rules.lease_wait_s
         while True:
             stored = self._stored(request_id)
-            if stored is not None and not self.pipeline.action_pending(stored):
+            if stored is not None and self.actions.due(stored) is None:
                 return stored
             if self.leases is None:
                 return None, 0
@@ -176,21 +170,39 @@ class ModerationService:
         self, request: ModerationRequest, may_retry: bool, *, leased: bool
     ) -> Handled:
         stored = self._stored(request.request_id)  # a dead holder may have stored it
-        republished = stored is not None
         if stored is None:
             count = self._count_delivery(request.request_id) if leased else 0
             if count > self.rules.max_deliveries:
                 return self.fail(request, _too_many(request.request_id, count - 1), leased=True)
-            assessed = self._moderate(request)
-            if assessed.error is not None and assessed.error.retryable and may_retry:
-                raise TransientFailure(assessed.error)
-            stored = self._store(assessed, may_retry)
-        elif self.pipeline.action_pending(stored):
+            assessed = self._assess(request, may_retry)
+            stored = self._store(assessed.result, may_retry)
+            # A racing delivery may have stored first: its result is the answer, for the
+            # same image, so this delivery's bytes and embedding serve its actions.
+            result = self._act(Assessed(stored, assessed.data, assessed.embedding), may_retry)
+            return self._publish(request, result, may_retry, republished=False)
+        if self.actions.due(stored) is not None:
             log.info("taking over an unfinished action", request_id=request.request_id)
         else:  # the holder finished between our look at the store and the lease
             log.info("re-delivery: publishing the stored result", request_id=request.request_id)
-        result = self._act(stored, may_retry)
-        return self._publish(request, result, may_retry, republished=republished)
+        result = self._act(Assessed(stored), may_retry)
+        return self._publish(request, result, may_retry, republished=True)
+
+    def _assess(self, request: ModerationRequest, may_retry: bool) -> Assessed:
+        """The request's assessment, or its error result once no retry may help."""
+        try:
+            policy = self._policy(request.policy)
+            assessed = self.pipeline.assess(
+                request.image, request.request_id, policy=policy, embed=request.embed
+            )
+        except ModqError as exc:
+            if exc.retryable and may_retry:
+                raise
+            assessed = Assessed(self.pipeline.error_result(request.image, request.request_id, exc))
+        return Assessed(
+            assessed.result.model_copy(update={"metadata": request.metadata}),
+            assessed.data,
+            assessed.embedding,
+        )
 
     def _count_delivery(self, request_id: str) -> int:
         assert self.leases is not None
@@ -200,21 +212,24 @@ class ModerationService:
             log.warning("delivery not counted", request_id=request_id, error=str(exc))
             return 0
 
-    def _act(self, stored: ModerationResult, may_retry: bool) -> ModerationResult:
-        """Take the verdict's quarantine action, unless a delivery before took it. Idempotent:
-        after a crash it finishes what the first delivery began and gives the same result,
-        which then replaces the stored one, so a later re-delivery leaves the source alone."""
-        if not self.pipeline.action_pending(stored):
-            return stored
-        result = self.pipeline.apply_action(stored)
-        if result.error is not None:
+    def _act(self, assessed: Assessed, may_retry: bool) -> ModerationResult:
+        """Take the actions the stored result calls for, unless a delivery before took them.
+        Idempotent: after a crash it finishes what the first delivery began and gives the
+        same result, which then replaces the stored one, so a later re-delivery leaves the
+        source alone."""
+        stored = assessed.result
+        try:
+            result = self.actions.act(assessed)
+        except ModqError as exc:
             finished = self._finished_elsewhere(stored.request_id)
             if finished is not None:
                 return finished
-            if result.error.retryable and may_retry:
-                raise TransientFailure(result.error)
+            if exc.retryable and may_retry:
+                raise
             # The action failed for good: the error is the answer, for later deliveries too.
-        if self.results is not None:
+            failed = self.pipeline.error_result(stored.image, stored.request_id, exc)
+            result = failed.model_copy(update={"metadata": stored.metadata})
+        if result != stored and self.results is not None:
             try:
                 self.results.replace(result.request_id, result.model_dump_json())
             except CacheUnavailable as exc:
@@ -227,7 +242,7 @@ class ModerationService:
         """Two deliveries of one request can run at once (a re-send, a redelivery while the
         first still runs): when the other finished the action first, its result is the one."""
         stored = self._stored(request_id)
-        if stored is None or self.pipeline.action_pending(stored):
+        if stored is None or self.actions.due(stored) is not None:
             return None
         log.info("action finished by a concurrent delivery", request_id=request_id)
         return stored
@@ -241,7 +256,7 @@ class ModerationService:
         result = result.model_copy(update={"metadata": request.metadata})
         try:
             stored = self._store(result, False)
-            if leased and stored.status is Status.OK and self.pipeline.action_pending(stored):
+            if leased and stored.status is Status.OK and self.actions.due(stored) is not None:
                 # A verdict whose action never completed is not an answer: the error is.
                 if self.results is not None:
                     self.results.replace(result.request_id, result.model_dump_json())
@@ -278,17 +293,6 @@ class ModerationService:
             return Handled(result, exc.code)
         return None
 
-    def _moderate(self, request: ModerationRequest) -> ModerationResult:
-        try:
-            policy = self._policy(request.policy)
-        except InvalidRequest as exc:
-            result = error_result(request.request_id, request.image, exc.code, str(exc))
-        else:
-            result = self.pipeline.process(
-                request.image, request.request_id, policy=policy, embed=request.embed, act=False
-            )
-        return result.model_copy(update={"metadata": request.metadata})
-
     def _policy(self, name: str | None) -> Policy | None:
         if name is None:
             return None
@@ -319,10 +323,8 @@ class ModerationService:
         try:
             text = self.results.put_if_absent(result.request_id, result.model_dump_json())
         except CacheUnavailable as exc:
-            if may_retry and self.pipeline.moves_source(result):
-                raise TransientFailure(
-                    ErrorInfo(code=exc.code, message=str(exc), retryable=True)
-                ) from exc
+            if may_retry and self.actions.due(result) == "move":
+                raise
             log.warning("result store unavailable", request_id=result.request_id, error=str(exc))
             return result
         return ModerationResult.model_validate_json(text)

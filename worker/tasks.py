@@ -34,7 +34,7 @@ from worker.errors import (
 from worker.log import configure_logging, get_logger
 from worker.messages import DEAD_LETTER_TASK, MODERATE_TASK, ModerationRequest
 from worker.runtime import Runtime, close_runtime, current_runtime, get_runtime
-from worker.service import Handled, TransientFailure, error_result
+from worker.service import Handled, ModerationService, error_result
 
 __all__ = ["EXIT_UNREADY", "backoff_seconds", "exit_unready", "moderate"]
 
@@ -66,6 +66,11 @@ def _runtime(task: Task) -> Runtime:
     except Exception as exc:
         log.error("cannot moderate: the runtime cannot be built", error=str(exc))
         raise Reject(f"no runtime: {exc}", requeue=True) from exc
+
+
+def _service(runtime: Runtime) -> ModerationService:
+    assert runtime.service is not None, "a worker's runtime is built with send_task"
+    return runtime.service
 
 
 @shared_task(bind=True, name="modq.moderate", max_retries=None)  # type: ignore[untyped-decorator]
@@ -127,22 +132,21 @@ def _moderate(task: Task, runtime: Runtime, message: Any) -> dict[str, Any]:
         request_id=request.request_id, model=settings.model, task_id=task.request.id
     ):
         may_retry = task.request.retries < settings.max_retries
-        refused = runtime.service.refuse_callback(request)
+        refused = _service(runtime).refuse_callback(request)
         if refused is not None:  # nowhere to answer: dead-lettered before any work
             _after_publishing(task, runtime, message, refused, may_retry=may_retry)
             return {"request_id": request.request_id, "status": refused.result.status.value}
         try:
-            handled = runtime.service.handle(request, may_retry=may_retry)
+            handled = _service(runtime).handle(request, may_retry=may_retry)
         except RetryableError as exc:
-            code = exc.error.code if isinstance(exc, TransientFailure) else exc.code
-            raise _retry(task, settings, code, exc) from exc
+            raise _retry(task, settings, exc.code, exc) from exc
         except Exception as exc:
             # A bug must not ack a message without an answer: retry it like a transient
             # failure, and when retries run out publish an ``internal`` error result.
             log.exception("unexpected error", attempt=task.request.retries + 1)
             if may_retry:
                 raise _retry(task, settings, InternalError.code, exc) from exc
-            handled = runtime.service.answer(request, InternalError(f"internal error: {exc!r}"))
+            handled = _service(runtime).answer(request, InternalError(f"internal error: {exc!r}"))
         _after_publishing(task, runtime, message, handled, may_retry=may_retry)
         result = handled.result
         log.info(
@@ -208,7 +212,7 @@ def _answer_raw(
     except ValidationError:
         probe = None
     if probe is not None:  # an invalid callback is no place to answer
-        handled = runtime.service.answer(
+        handled = _service(runtime).answer(
             ModerationRequest.model_construct(
                 request_id=request_id, image=image, callback=probe.callback, metadata={}
             ),

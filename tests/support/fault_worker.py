@@ -73,15 +73,16 @@ def _faulty(function: Callable[..., Any], stage: str, times: int, kill: bool) ->
 
 def _targets() -> dict[str, tuple[Any, str]]:
     from worker import tasks
+    from worker.actions import Actions
     from worker.pipeline import Pipeline
     from worker.service import ModerationService
 
     return {
         "validate": (tasks, "ModerationRequest"),
         "stored": (ModerationService, "_stored"),
-        "assess": (Pipeline, "process"),
+        "assess": (Pipeline, "assess"),
         "store": (ModerationService, "_store"),
-        "act": (Pipeline, "apply_action"),
+        "act": (Actions, "act"),
         "publish": (ModerationService, "_publish"),
         "dead-letter": (tasks, "_dead_letter"),
         "forget": (tasks, "_forget"),

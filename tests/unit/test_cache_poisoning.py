@@ -204,7 +204,7 @@ def run(backend: Backend, attack: Attack) -> Iterator[tuple[Pipeline, MemoryCach
         backend,
         MemoryStore(dict(attack.files)),
         load_policy("default", backend.card),
-        cache,
+        cache=cache,
         options=PipelineOptions(max_wait_ms=1),
         perceptual=_shipped_perceptual(),
     )

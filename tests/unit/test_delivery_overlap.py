@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.support.images import noise_jpeg
+from worker.actions import Actions
 from worker.cache import MemoryResultStore
 from worker.cache.leases import LeaseKeeper, MemoryLeases
 from worker.callbacks import MemoryPublisher
@@ -25,7 +26,7 @@ from worker.models.factory import create_backend
 from worker.pipeline import Pipeline, PipelineOptions
 from worker.policy import Policy
 from worker.quarantine import LocalQuarantine
-from worker.service import DeliveryRules, LeaseBusy, ModerationService, TransientFailure
+from worker.service import DeliveryRules, LeaseBusy, ModerationService
 from worker.storage import LocalStore, MemoryStore, file_ref
 
 BLOCK_ALL = Policy("block-all", 0.0, 0.0)
@@ -75,9 +76,9 @@ def _service(
     rules: DeliveryRules | None = None,
     **pipeline_kw: Any,
 ) -> Iterator[ModerationService]:
-    pipeline = Pipeline(
-        backend, store, ALLOW_ALL, options=PipelineOptions(max_wait_ms=1), **pipeline_kw
-    )
+    actions = Actions(quarantine=pipeline_kw.pop("quarantine", None))
+    options = PipelineOptions(max_wait_ms=1)
+    pipeline = Pipeline(backend, store, ALLOW_ALL, actions=actions, options=options, **pipeline_kw)
     keeper = LeaseKeeper(leases, ttl_s)
     with pipeline:
         yield ModerationService(
@@ -251,7 +252,7 @@ def test_a_retry_is_not_a_death(backend: Backend) -> None:
     with _service(backend, store, leases, rules=DeliveryRules(max_deliveries=1)) as service:
         request = ModerationRequest(request_id="flaky", image="s3://mem/a.jpg")
         for _ in range(4):
-            with pytest.raises(TransientFailure):
+            with pytest.raises(StorageUnavailable):
                 service.handle(request, may_retry=True)
         store.fail = False
         handled = service.handle(request, may_retry=True)
@@ -303,8 +304,8 @@ def test_an_error_answered_outside_the_lease_never_replaces_the_holders_verdict(
         request = ModerationRequest(
             request_id="twin", image=file_ref(source), callback=HOOK, policy="block-all"
         )
-        assessed = service._moderate(request)
-        service._store(assessed, may_retry=True)  # the holder stored its verdict and died
+        assessed = service._assess(request, may_retry=True)
+        service._store(assessed.result, may_retry=True)  # the holder stored it and died
         twin = ModerationRequest.model_construct(
             request_id="twin", image="", callback=HOOK, metadata={}
         )

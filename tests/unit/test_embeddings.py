@@ -12,12 +12,11 @@ import pytest
 from PIL import Image
 
 from tests.support.images import distinct_images
+from worker.actions import Actions, Assessed
 from worker.cache import MemoryCache
 from worker.config import Settings
 from worker.embeddings import EmbeddingRecord, MemorySink, RecordSource, ShardSink, open_sink
-from worker.embeddings.tap import EmbeddingTap
 from worker.errors import ConfigError, InvalidDataset, StorageUnavailable
-from worker.extras import Extras
 from worker.messages import CacheOutcome, Verdict
 from worker.models.backend import Backend
 from worker.models.factory import create_backend
@@ -140,7 +139,7 @@ def test_every_model_run_streams_one_embedding_and_cache_hits_none(
     store = LocalStore([folder])
     refs = [file_ref(p) for p in sorted(folder.iterdir())]
     with Pipeline(
-        backend, store, policy, MemoryCache(), extras=Extras(tap=EmbeddingTap(sink))
+        backend, store, policy, cache=MemoryCache(), actions=Actions(sink=sink)
     ) as pipeline:
         first = [pipeline.process(ref) for ref in refs]
         again = [pipeline.process(ref) for ref in refs]
@@ -173,27 +172,36 @@ def test_a_moved_image_is_recorded_with_its_quarantine_location(
     store = LocalStore([folder, tmp_path / "q"])
     quarantine = LocalQuarantine(tmp_path / "q", store)
     ref = file_ref(sorted(folder.iterdir())[0])
-    with Pipeline(
-        backend, store, BLOCK_ALL, quarantine=quarantine, extras=Extras(tap=EmbeddingTap(sink))
-    ) as p:
-        result = p.process(ref, act=False)  # queue mode: the action comes later
-        assert result.verdict is Verdict.BLOCK
-        assert sink.records == []  # held until the move settles where the image is
-        acted = p.apply_action(result)
+    actions = Actions(quarantine=quarantine, sink=sink)
+    with Pipeline(backend, store, BLOCK_ALL, actions=actions) as p:
+        assessed = p.assess(ref, "req-1")  # queue mode: stored first, acted on after
+        assert assessed.result.verdict is Verdict.BLOCK and assessed.embedding is not None
+        assert sink.records == []  # assessing has no side effect
+        acted = p.actions.act(assessed)
     assert acted.action is not None and acted.action.kind == "quarantine_move"
     [record] = sink.records
     assert record.image == ref and record.location == acted.action.location
     assert Path(acted.action.location.removeprefix("file://")).exists()
 
 
-def test_records_waiting_for_an_action_are_written_at_close(backend: Backend, folder: Path) -> None:
+class _BrokenQuarantine(LocalQuarantine):
+    def apply(self, ref: str, sha256: str, record: dict[str, object]) -> str:
+        raise StorageUnavailable("the quarantine folder is away")
+
+
+def test_a_failed_move_is_recorded_once_without_a_location(backend: Backend, folder: Path) -> None:
+    """The record is written after the quarantine attempt whatever it did; the delivery
+    that later finishes the move has no vector and writes no second record."""
     sink = MemorySink()
     store = LocalStore([folder])
-    quarantine = LocalQuarantine(folder / "q", store)
-    with Pipeline(
-        backend, store, BLOCK_ALL, quarantine=quarantine, extras=Extras(tap=EmbeddingTap(sink))
-    ) as p:
-        p.process(file_ref(sorted(folder.iterdir())[0]), act=False)
+    actions = Actions(quarantine=_BrokenQuarantine(folder / "q", store), sink=sink)
+    with Pipeline(backend, store, BLOCK_ALL, actions=actions) as p:
+        assessed = p.assess(file_ref(sorted(folder.iterdir())[0]), "req-2")
+        with pytest.raises(StorageUnavailable):
+            p.actions.act(assessed)
+        actions.quarantine = LocalQuarantine(folder / "q", store)
+        finished = actions.act(Assessed(assessed.result))  # a takeover: the stored result
+    assert finished.action is not None and finished.action.kind == "quarantine_move"
     assert len(sink.records) == 1 and sink.records[0].location is None
 
 

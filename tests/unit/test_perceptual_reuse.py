@@ -158,7 +158,7 @@ def _pipeline(backend: Backend, cache_: VerdictCache, files: dict[str, bytes]) -
         backend,
         MemoryStore(files),
         load_policy("default", backend.card),  # each request below names its own policy
-        cache_,
+        cache=cache_,
         options=PipelineOptions(max_wait_ms=1),
         perceptual=PerceptualOptions(radius=RADIUS),
     )
@@ -332,7 +332,7 @@ def test_the_old_safe_reuse_option_is_accepted_warned_about_and_reuses_nothing(
         tint,
         MemoryStore(files),
         load_policy("default", tint.card),
-        memory,
+        cache=memory,
         options=PipelineOptions(max_wait_ms=1),
         perceptual=options,
     ) as pipeline:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from worker.actions import Actions
 from worker.cache import MemoryCache, SQLiteCache
 from worker.decode import DecodeLimits, decode
 from worker.messages import CacheOutcome, ModerationResult, Status, Verdict
@@ -265,7 +266,11 @@ def test_block_verdict_moves_the_file_to_quarantine(
     source = images["photo.jpg"]
     data, sha = source.read_bytes(), _sha(source)
     with Pipeline(
-        backend, store, BLOCK_ALL, quarantine=quarantine, options=PipelineOptions(max_wait_ms=1)
+        backend,
+        store,
+        BLOCK_ALL,
+        actions=Actions(quarantine=quarantine),
+        options=PipelineOptions(max_wait_ms=1),
     ) as pipeline:
         result = pipeline.process(file_ref(source), request_id="req-1")
     assert result.status is Status.OK, result.error
@@ -295,7 +300,12 @@ def test_block_on_a_cache_hit_still_quarantines(
     store = LocalStore([root])
     quarantine = LocalQuarantine(tmp_path / "q", store)
     with Pipeline(
-        backend, store, BLOCK_ALL, cache, quarantine, PipelineOptions(max_wait_ms=1)
+        backend,
+        store,
+        BLOCK_ALL,
+        cache=cache,
+        actions=Actions(quarantine=quarantine),
+        options=PipelineOptions(max_wait_ms=1),
     ) as pipeline:
         result = pipeline.process(file_ref(source))
     assert result.cache is not None and result.cache.outcome is CacheOutcome.EXACT
@@ -356,7 +366,7 @@ def test_embedding(backend: Backend) -> None:
     store = MemoryStore({"mem://a.png": _encode(_scene(160, 120, 8), "PNG")})
     cache = MemoryCache()
     options = PipelineOptions(embed=True, max_wait_ms=1)
-    with Pipeline(backend, store, BLOCK_ALL, cache, options=options) as pipeline:
+    with Pipeline(backend, store, BLOCK_ALL, cache=cache, options=options) as pipeline:
         first = pipeline.process("mem://a.png")
         second = pipeline.process("mem://a.png")
     assert first.embedding is not None

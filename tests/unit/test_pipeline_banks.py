@@ -12,11 +12,11 @@ import pytest
 from PIL import Image
 
 from tests.support.images import textured
+from worker.actions import Actions
 from worker.banks import BankInfo, BankMatch, MemoryBankStore, PdqHash, pdq_hash
 from worker.banks.gate import BankGate
 from worker.cache import MemoryCache
 from worker.errors import BankUnavailable, ConfigError
-from worker.extras import Extras
 from worker.messages import CacheOutcome, Status, Verdict
 from worker.models.backend import Backend, BatchOutput
 from worker.models.factory import create_backend
@@ -95,7 +95,7 @@ def _pipeline(
         backend,
         LocalStore([folder]),
         ALLOW_ALL,
-        extras=Extras(banks=BankGate(store, refresh_s=0)),
+        banks=BankGate(store, refresh_s=0),
         **kw,  # type: ignore[arg-type]
     )
 
@@ -171,7 +171,7 @@ def test_a_bank_block_is_quarantined(
     store = _bank_of(Image.open(files["known.jpg"]).convert("RGB"))
     folder = files["known.jpg"].parent
     quarantine = LocalQuarantine(tmp_path / "q", LocalStore([folder, tmp_path / "q"]))
-    with _pipeline(backend, files, store, quarantine=quarantine) as pipeline:
+    with _pipeline(backend, files, store, actions=Actions(quarantine=quarantine)) as pipeline:
         result = pipeline.process(file_ref(files["known.jpg"]))
     assert result.action is not None and result.action.kind == "quarantine_move"
     assert not files["known.jpg"].exists()

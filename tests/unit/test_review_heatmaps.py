@@ -10,11 +10,11 @@ import pytest
 from PIL import Image
 
 from tests.support.images import distinct_images
+from worker.actions import Actions
 from worker.decode import DecodeLimits
 from worker.errors import StorageUnavailable
 from worker.explain import create_explainer
 from worker.explain.attach import ReviewHeatmaps
-from worker.extras import Extras
 from worker.messages import Verdict
 from worker.models.backend import Backend
 from worker.models.factory import create_backend
@@ -42,7 +42,7 @@ def image(tmp_path: Path) -> Path:
 
 def _pipeline(backend: Backend, image: Path, heatmaps: ReviewHeatmaps, policy: Policy) -> Pipeline:
     store = LocalStore([image.parent])
-    return Pipeline(backend, store, policy, extras=Extras(heatmaps=heatmaps))
+    return Pipeline(backend, store, policy, actions=Actions(heatmaps=heatmaps))
 
 
 def test_a_review_verdict_gets_a_heatmap_beside_it(
@@ -102,7 +102,8 @@ def test_the_heatmap_is_of_the_image_not_a_constant(backend: Backend, tmp_path: 
     heatmaps = ReviewHeatmaps(
         create_explainer(backend), LocalFolder(tmp_path / "heat"), DecodeLimits()
     )
-    with Pipeline(backend, LocalStore([folder]), REVIEW_ALL, extras=Extras(heatmaps=heatmaps)) as p:
+    actions = Actions(heatmaps=heatmaps)
+    with Pipeline(backend, LocalStore([folder]), REVIEW_ALL, actions=actions) as p:
         written = [p.process(ref).explanation for ref in refs]
     blobs = [Path(str(w).removeprefix("file://")).read_bytes() for w in written]
     assert blobs[0] != blobs[1]

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from tests.support.images import noise_jpeg
+from worker.actions import Actions
 from worker.cache import MemoryResultStore
 from worker.callbacks import MemoryPublisher
 from worker.errors import CacheUnavailable, CallbackFailed, InvalidCallback, StorageUnavailable
@@ -19,7 +20,7 @@ from worker.models.factory import create_backend
 from worker.pipeline import Pipeline, PipelineOptions
 from worker.policy import Policy
 from worker.quarantine import LocalQuarantine
-from worker.service import ModerationService, TransientFailure
+from worker.service import ModerationService
 from worker.storage import LocalStore, MemoryStore, file_ref
 
 BLOCK_ALL = Policy("block-all", 0.0, 0.0)
@@ -55,7 +56,9 @@ def store() -> CountingStore:
 def _service(
     backend: Backend, store: Any, publisher: MemoryPublisher, results: Any = None, **kw: Any
 ) -> Iterator[ModerationService]:
-    pipeline = Pipeline(backend, store, ALLOW_ALL, options=PipelineOptions(max_wait_ms=1), **kw)
+    actions = Actions(quarantine=kw.pop("quarantine", None))
+    options = PipelineOptions(max_wait_ms=1)
+    pipeline = Pipeline(backend, store, ALLOW_ALL, actions=actions, options=options, **kw)
     with pipeline:
         yield ModerationService(
             pipeline,
@@ -129,7 +132,7 @@ def test_a_retryable_failure_retries_then_publishes_an_error_and_dead_letters(
     service: ModerationService, publisher: MemoryPublisher, store: CountingStore
 ) -> None:
     store.down = True
-    with pytest.raises(TransientFailure, match="storage_unavailable"):
+    with pytest.raises(StorageUnavailable, match="503"):
         service.handle(_request(), may_retry=True)
     assert publisher.published == []
     handled = service.handle(_request(), may_retry=False)
@@ -228,7 +231,7 @@ def test_no_move_without_a_stored_verdict_while_a_retry_can_wait(
     source, local, quarantine = _blocking_setup(tmp_path)
     results = DownResults()
     for service in _service(backend, local, publisher, results, quarantine=quarantine):
-        with pytest.raises(TransientFailure, match="cache_unavailable"):
+        with pytest.raises(CacheUnavailable):
             service.handle(_blocked(source), may_retry=True)
         assert source.exists() and publisher.published == []
         results.down = False
@@ -254,8 +257,8 @@ def test_a_crash_after_the_verdict_was_stored_is_finished_by_the_redelivery(
     results = MemoryResultStore()
     for service in _service(backend, local, publisher, results, quarantine=quarantine):
         # The first delivery stored its verdict and died before the move.
-        assessed = service.pipeline.process(file_ref(source), "req-c", policy=BLOCK_ALL, act=False)
-        results.put_if_absent("req-c", assessed.model_dump_json())
+        assessed = service.pipeline.assess(file_ref(source), "req-c", policy=BLOCK_ALL)
+        results.put_if_absent("req-c", assessed.result.model_dump_json())
         assert source.exists()
         handled = service.handle(_blocked(source, "req-c"), may_retry=True)
         again = service.handle(_blocked(source, "req-c"), may_retry=True)

@@ -102,12 +102,14 @@ def calibrate(
     on_result: Callable[[], None] | None = None,
 ) -> Calibration:
     """The whole run, from the CSV (or ``images`` already read from it) to the chosen
-    thresholds. Writes nothing."""
-    from worker.models.precision import load_model
+    thresholds. Writes nothing: the runtime has no cache, no quarantine and no extras."""
+    from worker.runtime import build_runtime
+    from worker.storage import LocalStore
 
     if images is None:
         images = load_labels(settings, request.labels_csv)
-    backend = load_model(
-        settings.model, settings.device, settings.precision, settings.threads, settings.onnx_dir
-    )
-    return analyse(request, score_images(settings, backend, images, on_result))
+    store = LocalStore({image.path.parent for image in images})
+    # The policy decides nothing here: verdicts are recomputed from the chosen thresholds.
+    settings = settings.model_copy(update={"policy": "default"})
+    with build_runtime(settings, store=store, cache=None, quarantine=None, extras=False) as rt:
+        return analyse(request, score_images(settings, rt.pipeline, images, on_result))

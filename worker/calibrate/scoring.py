@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from worker.calibrate.dataset import LabelledImage
 from worker.config import Settings
 from worker.messages import ModelInfo, ModerationResult, Status
-from worker.models.backend import Backend
+from worker.pipeline import Pipeline
 
 __all__ = ["FailedImage", "ScoredImage", "ScoredSet", "score_images"]
 
@@ -43,28 +43,21 @@ class ScoredSet:
 
 def score_images(
     settings: Settings,
-    backend: Backend,
+    pipeline: Pipeline,
     images: Sequence[LabelledImage],
     on_result: Callable[[], None] | None = None,
 ) -> ScoredSet:
     """Run every image through ``Pipeline.process_many``; ``on_result`` is called once per
-    finished image (a progress bar)."""
-    from worker.pipeline import Pipeline, PipelineOptions
-    from worker.policy import load_policy
-    from worker.storage import LocalStore, file_ref
+    finished image (a progress bar). The pipeline's policy decides nothing here: verdicts
+    are recomputed from the chosen thresholds."""
+    from worker.storage import file_ref
 
     by_ref = {file_ref(image.path): image for image in images}
-    store = LocalStore({image.path.parent for image in images})
-    options = PipelineOptions.from_settings(settings)
     results: dict[str, ModerationResult] = {}
-    # The policy decides nothing here: verdicts are recomputed from the chosen thresholds.
-    with Pipeline(backend, store, load_policy("default", backend.card), None, None, options) as (
-        pipeline
-    ):
-        for result in pipeline.process_many(by_ref, _concurrency(settings)):
-            results[result.image] = result
-            if on_result is not None:
-                on_result()
+    for result in pipeline.process_many(by_ref, _concurrency(settings)):
+        results[result.image] = result
+        if on_result is not None:
+            on_result()
     scored: list[ScoredImage] = []
     failed: list[FailedImage] = []
     for ref, image in by_ref.items():
@@ -75,13 +68,7 @@ def score_images(
             error = result.error
             code, message = (error.code, error.message) if error else ("internal", "no score")
             failed.append(FailedImage(image, code, message))
-    model = ModelInfo(
-        id=backend.card.id,
-        revision=backend.card.revision,
-        runtime=backend.card.runtime,
-        precision=backend.precision,
-    )
-    return ScoredSet(scored, failed, model, options.exact_decode)
+    return ScoredSet(scored, failed, pipeline.model, pipeline.options.exact_decode)
 
 
 def _concurrency(settings: Settings) -> int:

@@ -33,24 +33,20 @@ def model_spec_for(index: VectorIndex) -> str:
 
 def embed_image(target: str, index: VectorIndex, settings: Settings) -> np.ndarray:
     """The embedding of the image at ``target`` (a path or a file://, s3:// reference)."""
-    from worker.models.precision import load_model
-    from worker.pipeline import Pipeline, PipelineOptions
-    from worker.policy import load_policy
+    from worker.runtime import build_runtime
 
     ref = target if "://" in target else file_ref(Path(target))
-    backend = load_model(
-        settings.model, settings.device, settings.precision, settings.threads, settings.onnx_dir
-    )
-    card = backend.card
-    if (card.id, card.revision) != (index.meta["model"], index.meta["revision"]):
-        raise InvalidDataset(
-            f"the index holds embeddings of {index.model}; {card.id}@{card.revision} cannot "
-            "query it"
-        )
-    options = PipelineOptions.from_settings(settings, embed=True)
-    policy = load_policy(settings.policy, card)
-    with Pipeline(backend, reader_for([ref], settings), policy, options=options) as pipeline:
-        result = pipeline.process(ref)
+    store = reader_for([ref], settings)
+    with build_runtime(
+        settings, store=store, cache=None, quarantine=None, extras=False, embed=True
+    ) as runtime:
+        card = runtime.backend.card
+        if (card.id, card.revision) != (index.meta["model"], index.meta["revision"]):
+            raise InvalidDataset(
+                f"the index holds embeddings of {index.model}; {card.id}@{card.revision} "
+                "cannot query it"
+            )
+        result = runtime.pipeline.process(ref)
     if result.error is not None:
         raise InvalidDataset(f"{target}: [{result.error.code}] {result.error.message}")
     return np.asarray(result.embedding, dtype=np.float32)
