@@ -144,7 +144,7 @@ def scan(
         exact_decode=exact_decode or None,
         embedding_sink=embedding_sink,
     )
-    configure_logging(settings.log_level, json=settings.logs_json(worker=False))
+    configure_logging(settings.log_level, json=settings.logging.writes_json(worker=False))
     from worker.scan import run_scan
 
     try:

@@ -36,7 +36,7 @@ _CLI_TIMEOUT_S = 10.0  # a bulk add writes in large pipelines: allow the server 
 
 
 def _redis_store() -> BankStore:
-    return RedisBankStore.from_settings(Settings(), timeout_s=_CLI_TIMEOUT_S)
+    return RedisBankStore.from_settings(Settings().banks, timeout_s=_CLI_TIMEOUT_S)
 
 
 @contextmanager
@@ -52,12 +52,7 @@ def _image_loader(settings: Settings) -> Callable[[Path], Image.Image]:
     """Decodes as the pipeline does (same limits, EXIF orientation, RGB), first frame only."""
     from worker.decode import DecodeLimits, decode
 
-    limits = DecodeLimits(
-        max_bytes=settings.max_image_bytes,
-        max_pixels=settings.max_image_pixels,
-        max_frames=settings.max_frames,
-        sample_frames=1,
-    )
+    limits = DecodeLimits.from_settings(settings.decode, sample_frames=1)
 
     def load(path: Path) -> Image.Image:
         try:

@@ -80,7 +80,7 @@ def calibrate(
     }
     try:
         settings = Settings.with_options(**overrides)  # a bad value: ConfigError
-        configure_logging(settings.log_level, json=settings.logs_json(worker=False))
+        configure_logging(settings.log_level, json=settings.logging.writes_json(worker=False))
         result = _run(settings, labels, target_precision, target_recall, review_recall, temperature)
         from worker.calibrate import write_outputs
 

@@ -67,12 +67,7 @@ def read_image(path: Path, settings: Settings) -> Image.Image:
     frame of an animation). Never draft-decoded: the overlay keeps the image's own size."""
     from worker.decode import DecodeLimits, decode
 
-    limits = DecodeLimits(
-        max_bytes=settings.max_image_bytes,
-        max_pixels=settings.max_image_pixels,
-        max_frames=settings.max_frames,
-        sample_frames=1,
-    )
+    limits = DecodeLimits.from_settings(settings.decode, sample_frames=1)
     if not path.is_file():
         raise ObjectNotFound(f"{path}: no such file")
     try:

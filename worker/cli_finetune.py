@@ -140,7 +140,7 @@ def finetune(
     """Fine-tune a model on your own labels; writes a model directory `--model` loads."""
     overrides = {"model": model, "device": device}
     settings = Settings.with_options(**overrides)
-    configure_logging(settings.log_level, json=settings.logs_json(worker=False))
+    configure_logging(settings.log_level, json=settings.logging.writes_json(worker=False))
     from worker.finetune import FinetuneOptions
     from worker.finetune import finetune as run_finetune
 
@@ -176,9 +176,7 @@ def _read_options(settings: Settings, max_unreadable: int) -> ReadOptions:
     from worker.finetune import ReadOptions
 
     # Only the first frame of an animation is trained on: decode no other.
-    limits = DecodeLimits(
-        settings.max_image_bytes, settings.max_image_pixels, settings.max_frames, sample_frames=1
-    )
+    limits = DecodeLimits.from_settings(settings.decode, sample_frames=1)
     return ReadOptions(limits, settings.exact_decode, max_unreadable=max_unreadable)
 
 

@@ -30,7 +30,7 @@ class ClusterMethod(StrEnum):
 def _settings(**overrides: object) -> Settings:
     settings = Settings.with_options(**overrides)
     # on stderr: stdout carries the results
-    configure_logging(settings.log_level, json=settings.logs_json(worker=False))
+    configure_logging(settings.log_level, json=settings.logging.writes_json(worker=False))
     return settings
 
 
@@ -51,7 +51,7 @@ def index_build(
     from worker.similarity import VectorIndex
 
     settings = _settings()
-    readers = [RecordSource(source, settings) for source in sources]
+    readers = [RecordSource(source, settings.endpoints) for source in sources]
     try:
         index = VectorIndex.build(chain.from_iterable(readers))
         index.save(out)
@@ -131,8 +131,8 @@ def cluster(
     except ModqError as exc:
         raise fail(exc) from exc
     members = [item for c in clusters for item in c.items[:per_sheet]]
-    store = reader_for((item.where for item in members), settings)
-    limits = DecodeLimits(settings.max_image_bytes, settings.max_image_pixels, 1, 1)
+    store = reader_for((item.where for item in members), settings.storage)
+    limits = DecodeLimits.from_settings(settings.decode, sample_frames=1)
     table = Table(title=f"{len(clusters)} clusters of {sum(len(c.items) for c in clusters)}")
     for column in ("cluster", "images", "mean score", "sheet"):
         table.add_column(column)

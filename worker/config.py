@@ -1,7 +1,16 @@
-"""One Settings object, read from MODQ_* environment variables (or a .env file) at the edge."""
+"""One Settings object, read from MODQ_* environment variables (or a .env file) at the edge,
+and handed out in pieces.
+
+``Settings`` keeps every documented ``MODQ_*`` name as one flat field (so the environment,
+``.env`` files and error messages stay as the README says). Each adapter takes only its own
+piece: ``settings.decode``, ``.batching``, ``.cache``, ``.banks``, ``.delivery`` (the queue),
+``.storage``, ``.http``, ``.callbacks``, ``.metrics`` and ``.logging`` are small frozen
+values built here, so what a module may read is what its constructor takes.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -11,10 +20,21 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from worker.errors import ConfigError
 
 __all__ = [
+    "BankSettings",
+    "BatchingSettings",
+    "CacheSettings",
+    "CallbackSettings",
+    "DecodeSettings",
+    "DeliverySettings",
+    "EndpointSettings",
+    "HttpSettings",
+    "LogSettings",
+    "MetricsSettings",
     "Precision",
     "ProducerSettings",
     "QuarantineAction",
     "Settings",
+    "StorageSettings",
     "default_cache_dir",
 ]
 
@@ -29,6 +49,132 @@ def default_cache_dir() -> Path:
 
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "modq"
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """Decode limits and the decode backstop (``worker.decode``, ``worker.decodepool``)."""
+
+    max_bytes: int = 40 * 1024 * 1024
+    max_pixels: int = 50_000_000
+    max_frames: int = 1_000
+    sample_frames: int = 8
+    max_aspect_ratio: float = 100.0
+    max_scans: int = 100
+    max_segments: int = 100_000
+    max_animation_pixels: int = 500_000_000
+    exact: bool = False
+    processes: int | None = None
+    cpu_s: float = 4.0
+    max_memory_mb: int = 1024
+    wall_s: float = 20.0
+
+
+@dataclass(frozen=True)
+class BatchingSettings:
+    max_batch_size: int = 32
+    max_wait_ms: float = 10.0
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """The verdict cache and the stored results (Redis), and the perceptual tier."""
+
+    url: str | None = None
+    prefix: str = "modq"
+    ttl_s: int = 30 * 24 * 3600
+    result_ttl_s: int = 7 * 24 * 3600
+    perceptual_radius: int = 6
+    perceptual_reuse_safe: bool = False
+
+
+@dataclass(frozen=True)
+class BankSettings:
+    """The known-bad hash banks. ``url``: MODQ_BANK_URL, else the verdict cache's Redis;
+    ``named_by``: the setting that named it, when one was given (an unreadable store then
+    makes images wait)."""
+
+    url: str | None = None
+    prefix: str = "modq"
+    max_distance: int = 31
+    quality_min: int = 50
+    named_by: str | None = None
+
+
+@dataclass(frozen=True)
+class DeliverySettings:
+    """Queue mode: the broker, the queues, retries, leases and deliveries."""
+
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    queue: str = "modq"
+    dead_letter_queue: str = "modq.dead"
+    task_threads: int = 64
+    prefetch_multiplier: int = 1
+    task_time_limit_s: int = 300
+    visibility_timeout_s: int = 3600
+    max_retries: int = 8
+    max_deliveries: int = 3
+    lease_ttl_s: float = 30.0
+    retry_backoff_max_s: int = 120
+    pending_sweep_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    """Where references may point, and the quarantine."""
+
+    allowed_roots: tuple[str, ...] = ()
+    allowed_buckets: tuple[str, ...] = ()
+    s3_endpoint_url: str | None = None
+    quarantine_uri: str | None = None
+    quarantine_action: QuarantineAction = "move"
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """Outbound HTTP: image fetches and webhooks."""
+
+    timeout_s: float = 10.0
+    allowed_networks: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CallbackSettings:
+    """Where results go. ``redis_url``: MODQ_CALLBACK_REDIS_URL, else the broker;
+    ``reserved_names``/``reserved_prefixes``: queue and key names no callback may target."""
+
+    default: str | None = None
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    webhook_secret: SecretStr | None = None
+    webhook_retries: int = 5
+    webhook_timeout_s: float = 10.0
+    reserved_names: tuple[str, ...] = ()
+    reserved_prefixes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class EndpointSettings:
+    """Where an embedding sink or record source URI resolves: ``s3://`` at the S3 endpoint,
+    ``redis-stream://`` at the callback Redis (MODQ_CALLBACK_REDIS_URL, else the broker)."""
+
+    s3_endpoint_url: str | None = None
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    port: int = 9808
+    addr: str = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    level: str = "INFO"
+    json: bool | None = None
+
+    def writes_json(self, *, worker: bool) -> bool:
+        """The log format this command writes (``MODQ_LOG_JSON``, else JSON for a worker)."""
+        return worker if self.json is None else self.json
 
 
 class ProducerSettings(BaseSettings):
@@ -100,10 +246,6 @@ class Settings(ProducerSettings):
         description="JSON log lines on stderr: unset, the worker writes JSON and the other "
         "commands readable lines; true or false, every command writes that format",
     )
-
-    def logs_json(self, *, worker: bool) -> bool:
-        """The log format this command writes (``MODQ_LOG_JSON``, else JSON for a worker)."""
-        return worker if self.log_json is None else self.log_json
 
     # -- queue mode ------------------------------------------------------------------------
     cache_url: str | None = Field(
@@ -238,10 +380,110 @@ class Settings(ProducerSettings):
     def task_threads(self) -> int:
         return self.concurrency or 2 * self.max_batch_size
 
+    # -- the pieces each adapter takes ----------------------------------------------------
     @property
-    def banks_redis_url(self) -> str | None:
-        """Where the hash banks live: MODQ_BANK_URL, else the verdict cache's Redis."""
-        return self.bank_url or self.cache_url
+    def decode(self) -> DecodeSettings:
+        return DecodeSettings(
+            max_bytes=self.max_image_bytes,
+            max_pixels=self.max_image_pixels,
+            max_frames=self.max_frames,
+            sample_frames=self.sample_frames,
+            max_aspect_ratio=self.max_aspect_ratio,
+            max_scans=self.max_jpeg_scans,
+            max_segments=self.max_segments,
+            max_animation_pixels=self.max_animation_pixels,
+            exact=self.exact_decode,
+            processes=self.decode_processes,
+            cpu_s=self.decode_cpu_s,
+            max_memory_mb=self.decode_max_memory_mb,
+            wall_s=self.decode_wall_s,
+        )
+
+    @property
+    def batching(self) -> BatchingSettings:
+        return BatchingSettings(self.max_batch_size, self.max_wait_ms)
+
+    @property
+    def cache(self) -> CacheSettings:
+        return CacheSettings(
+            url=self.cache_url,
+            prefix=self.cache_prefix,
+            ttl_s=self.cache_ttl_s,
+            result_ttl_s=self.result_ttl_s,
+            perceptual_radius=self.perceptual_radius,
+            perceptual_reuse_safe=self.perceptual_reuse_safe,
+        )
+
+    @property
+    def banks(self) -> BankSettings:
+        named_by = None
+        if self.bank_url is not None:
+            named_by = "MODQ_BANK_URL"
+        elif self.cache_url is not None and "cache_url" in self.model_fields_set:
+            named_by = "MODQ_CACHE_URL"
+        return BankSettings(
+            url=self.bank_url or self.cache_url,
+            prefix=self.cache_prefix,
+            max_distance=self.bank_max_distance,
+            quality_min=self.bank_quality_min,
+            named_by=named_by,
+        )
+
+    @property
+    def delivery(self) -> DeliverySettings:
+        return DeliverySettings(
+            broker_url=self.broker_url,
+            queue=self.queue,
+            dead_letter_queue=self.dead_letter_queue,
+            task_threads=self.task_threads,
+            prefetch_multiplier=self.prefetch_multiplier,
+            task_time_limit_s=self.task_time_limit_s,
+            visibility_timeout_s=self.visibility_timeout_s,
+            max_retries=self.max_retries,
+            max_deliveries=self.max_deliveries,
+            lease_ttl_s=self.lease_ttl_s,
+            retry_backoff_max_s=self.retry_backoff_max_s,
+            pending_sweep_s=self.pending_sweep_s,
+        )
+
+    @property
+    def storage(self) -> StorageSettings:
+        return StorageSettings(
+            allowed_roots=tuple(self.allowed_roots),
+            allowed_buckets=tuple(self.allowed_buckets),
+            s3_endpoint_url=self.s3_endpoint_url,
+            quarantine_uri=self.quarantine_uri,
+            quarantine_action=self.quarantine_action,
+        )
+
+    @property
+    def http(self) -> HttpSettings:
+        return HttpSettings(self.http_timeout_s, tuple(self.http_allowed_networks))
+
+    @property
+    def callbacks(self) -> CallbackSettings:
+        return CallbackSettings(
+            default=self.default_callback,
+            redis_url=self.callback_redis_url or self.broker_url,
+            webhook_secret=self.webhook_secret,
+            webhook_retries=self.webhook_retries,
+            webhook_timeout_s=self.webhook_timeout_s,
+            # modq's and kombu's own: a result published there would corrupt a queue
+            reserved_names=(self.queue, self.dead_letter_queue),
+            reserved_prefixes=(f"{self.cache_prefix}:",),
+        )
+
+    @property
+    def endpoints(self) -> EndpointSettings:
+        return EndpointSettings(self.s3_endpoint_url, self.callback_redis_url or self.broker_url)
+
+    @property
+    def metrics(self) -> MetricsSettings:
+        return MetricsSettings(self.metrics_port, self.metrics_addr)
+
+    @property
+    def logging(self) -> LogSettings:
+        return LogSettings(self.log_level, self.log_json)
 
     @property
     def verdict_db(self) -> Path:

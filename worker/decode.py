@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from worker.config import DecodeSettings
 from worker.errors import (
     CorruptImage,
     EmptyImage,
@@ -61,6 +62,23 @@ class DecodeLimits:
     max_segments: int = 100_000
     #: canvas pixels composed while stepping through an animation's frames to the last
     max_animation_pixels: int = 500_000_000
+
+    @classmethod
+    def from_settings(
+        cls, decode: DecodeSettings, *, sample_frames: int | None = None
+    ) -> DecodeLimits:
+        """The limits ``MODQ_MAX_*`` set: built here and nowhere else. ``sample_frames=1``
+        for a command that looks at an animation's first frame only."""
+        return cls(
+            decode.max_bytes,
+            decode.max_pixels,
+            decode.max_frames,
+            decode.sample_frames if sample_frames is None else sample_frames,
+            max_aspect_ratio=decode.max_aspect_ratio,
+            max_scans=decode.max_scans,
+            max_segments=decode.max_segments,
+            max_animation_pixels=decode.max_animation_pixels,
+        )
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from typing import Protocol
 
 from PIL import Image
 
-from worker.config import Settings
+from worker.config import DecodeSettings
 from worker.decode import DecodedImage, DecodeLimits, decode
 from worker.decodeproc import CHILD_COMMAND, DecoderProcess, Watch, Watchdog
 from worker.decodewire import (
@@ -88,17 +88,15 @@ class InProcessDecoder:
         pass
 
 
-def build_decoder(settings: Settings) -> Decoder:
+def build_decoder(decode: DecodeSettings) -> Decoder:
     """The decode pool the settings ask for (one decoder per core by default)."""
-    processes = settings.decode_processes
+    processes = decode.processes
     if processes is None:
         processes = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
         processes = processes or os.cpu_count() or 1
     if processes == 0:
         return InProcessDecoder()
-    backstop = Backstop(
-        processes, settings.decode_cpu_s, settings.decode_max_memory_mb, settings.decode_wall_s
-    )
+    backstop = Backstop(processes, decode.cpu_s, decode.max_memory_mb, decode.wall_s)
     return DecodePool(backstop)
 
 

@@ -17,7 +17,7 @@ from worker.banks.gate import BankGate
 from worker.banks.pdq import PdqHash, pdq_hash
 from worker.batching import DynamicBatcher
 from worker.cache import CachedEntry, NearMatch, VerdictCache, choose_near_match
-from worker.config import Settings
+from worker.config import BatchingSettings, CacheSettings, DecodeSettings
 from worker.decode import DecodedImage, DecodeLimits, decode
 from worker.errors import CacheUnavailable
 from worker.hashing import ImageHashes, hash_image
@@ -44,22 +44,15 @@ class PipelineOptions:
     decoder: Callable[[bytes, DecodeLimits, int | None], DecodedImage] = decode
 
     @classmethod
-    def from_settings(cls, settings: Settings, embed: bool = False) -> PipelineOptions:
+    def from_settings(
+        cls, decode: DecodeSettings, batching: BatchingSettings, embed: bool = False
+    ) -> PipelineOptions:
         return cls(
-            limits=DecodeLimits(
-                settings.max_image_bytes,
-                settings.max_image_pixels,
-                settings.max_frames,
-                settings.sample_frames,
-                max_aspect_ratio=settings.max_aspect_ratio,
-                max_scans=settings.max_jpeg_scans,
-                max_segments=settings.max_segments,
-                max_animation_pixels=settings.max_animation_pixels,
-            ),
-            exact_decode=settings.exact_decode,
+            limits=DecodeLimits.from_settings(decode),
+            exact_decode=decode.exact,
             embed=embed,
-            max_batch_size=settings.max_batch_size,
-            max_wait_ms=settings.max_wait_ms,
+            max_batch_size=batching.max_batch_size,
+            max_wait_ms=batching.max_wait_ms,
         )
 
 
@@ -72,15 +65,15 @@ class PerceptualOptions:
     radius: int = 6
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> PerceptualOptions:
-        if settings.perceptual_reuse_safe:
+    def from_settings(cls, cache: CacheSettings) -> PerceptualOptions:
+        if cache.perceptual_reuse_safe:
             # Accepted so existing deployments start, but a safe verdict is the most lowering
             # one a near match could lend, and no pair of hashes makes that safe.
             log.warning(
                 "MODQ_PERCEPTUAL_REUSE_SAFE is deprecated and ignored: a perceptual match "
                 "reuses only a block verdict; every other image is classified"
             )
-        return cls(radius=settings.perceptual_radius)
+        return cls(radius=cache.perceptual_radius)
 
 
 @dataclass(frozen=True)

@@ -165,7 +165,7 @@ def build_runtime(
         from worker.storage.router import build_store
 
         with _building("MODQ_ALLOWED_ROOTS / MODQ_ALLOWED_BUCKETS / MODQ_S3_ENDPOINT_URL"):
-            store = build_store(settings)
+            store = build_store(settings.storage, settings.http)
     queue = _QueueParts.build(settings, send_task) if send_task is not None else None
     if isinstance(cache, _FromSettings):
         cache = queue.cache if queue is not None else None
@@ -174,10 +174,10 @@ def build_runtime(
         from worker.quarantine import build_quarantine
 
         with _building("MODQ_QUARANTINE_URI", settings.quarantine_uri):
-            quarantine = build_quarantine(settings, store)
+            quarantine = build_quarantine(settings.storage, store)
     actions.quarantine = quarantine
     with _building("MODQ_DECODE_PROCESSES", settings.decode_processes):
-        decoder = build_decoder(settings)  # the decode backstop: decoder processes
+        decoder = build_decoder(settings.decode)  # the decode backstop: decoder processes
     pipeline = Pipeline(
         backend,
         store,
@@ -185,8 +185,11 @@ def build_runtime(
         cache=cache,
         banks=banks,
         actions=actions,
-        options=replace(PipelineOptions.from_settings(settings, embed), decoder=decoder.decode),
-        perceptual=PerceptualOptions.from_settings(settings),
+        options=replace(
+            PipelineOptions.from_settings(settings.decode, settings.batching, embed),
+            decoder=decoder.decode,
+        ),
+        perceptual=PerceptualOptions.from_settings(settings.cache),
     )
     runtime = Runtime(settings, backend, pipeline, policies, decoder)
     if queue is not None:
@@ -202,7 +205,7 @@ def _extras(
     """The hash banks, and the actions beside quarantine, each off unless configured.
     ``banks_until_read``: images wait for the bank list until it has been read once."""
     with _building("MODQ_BANK_URL", settings.bank_url):
-        banks = BankGate.from_settings(settings, until_read=banks_until_read)
+        banks = BankGate.from_settings(settings.banks, until_read=banks_until_read)
         if banks is not None:
             banks.probe()  # banks that must be read and cannot be: refuse to start at all
     sink = heatmaps = None
@@ -210,12 +213,23 @@ def _extras(
         from worker.embeddings import open_sink
 
         with _building("MODQ_EMBEDDING_SINK", settings.embedding_sink):
-            sink = open_sink(settings.embedding_sink, settings)
+            sink = open_sink(settings.embedding_sink, settings.endpoints)
     if settings.review_heatmaps_uri:
+        from worker.decode import DecodeLimits
         from worker.explain.attach import ReviewHeatmaps
+        from worker.models.factory import create_backend
+
+        def fp32() -> Backend:  # for a backend no explainer can open (an ONNX export of a ViT)
+            return create_backend(settings.model, settings.device, "fp32", settings.threads)
 
         with _building("MODQ_REVIEW_HEATMAPS_URI", settings.review_heatmaps_uri):
-            heatmaps = ReviewHeatmaps.from_settings(settings, settings.review_heatmaps_uri, backend)
+            heatmaps = ReviewHeatmaps.build(
+                settings.review_heatmaps_uri,
+                backend,
+                fp32,
+                DecodeLimits.from_settings(settings.decode),
+                settings.s3_endpoint_url,
+            )
     return banks, Actions(heatmaps=heatmaps, sink=sink)
 
 
@@ -239,8 +253,8 @@ class _QueueParts:
 
             with _building("MODQ_CACHE_URL", settings.cache_url):
                 client = redis_client(settings.cache_url)  # one pool: cache, results, leases
-                parts.cache = RedisCache.from_settings(settings, client)
-                parts.results = RedisResultStore.from_settings(settings, client)
+                parts.cache = RedisCache.from_settings(settings.cache, client)
+                parts.results = RedisResultStore.from_settings(settings.cache, client)
                 parts.leases = LeaseKeeper(
                     RedisLeases(client, settings.cache_prefix, settings.result_ttl_s),
                     settings.lease_ttl_s,
@@ -254,7 +268,7 @@ class _QueueParts:
         with _building(
             "MODQ_DEFAULT_CALLBACK / MODQ_CALLBACK_REDIS_URL", settings.default_callback
         ):
-            publisher = build_publisher(settings, self.send_task)
+            publisher = build_publisher(settings.callbacks, settings.http, self.send_task)
         rules = DeliveryRules(
             max_deliveries=settings.max_deliveries, lease_wait_s=settings.task_time_limit_s
         )

@@ -285,7 +285,7 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
     endpoint. A worker that cannot moderate exits here, having taken no message."""
     app = sender.app if sender is not None and hasattr(sender, "app") else None
     settings = _settings_of(app.conf if app is not None else None)
-    configure_logging(settings.log_level, json=settings.logs_json(worker=True))
+    configure_logging(settings.log_level, json=settings.logging.writes_json(worker=True))
     if app is None:
         return
     try:
@@ -344,7 +344,7 @@ def _on_celeryd_init(conf: Any = None, **_: Any) -> None:
     """The worker's first signal, before Celery's own start-up warnings (running as root):
     from here on every line on stderr is in modq's one format."""
     settings = _settings_of(conf)
-    configure_logging(settings.log_level, json=settings.logs_json(worker=True))
+    configure_logging(settings.log_level, json=settings.logging.writes_json(worker=True))
 
 
 @setup_logging.connect  # type: ignore[untyped-decorator]

@@ -54,14 +54,16 @@ def test_parquet_shards_in_a_bucket_read_back_whole(
         monkeypatch.setenv(key, value)
     s3_moto.client().create_bucket(Bucket="emb-parquet")
     settings = _s3_settings(s3_moto)
-    sink = open_sink("s3://emb-parquet/shards/?format=parquet&shard_size=4&flush_s=0", settings)
+    sink = open_sink(
+        "s3://emb-parquet/shards/?format=parquet&shard_size=4&flush_s=0", settings.endpoints
+    )
     written = _records(10)
     for record in written:
         sink.write(record)
     sink.close()
     keys = [o["Key"] for o in s3_moto.client().list_objects_v2(Bucket="emb-parquet")["Contents"]]
     assert len(keys) == 3 and all(k.startswith("shards/") and k.endswith(".parquet") for k in keys)
-    read = list(RecordSource("s3://emb-parquet/shards/", settings))
+    read = list(RecordSource("s3://emb-parquet/shards/", settings.endpoints))
     assert [r.to_dict() for r in read] == [r.to_dict() for r in written]
 
 
@@ -70,7 +72,7 @@ def test_a_redis_stream_sink_reads_back_page_by_page(
 ) -> None:
     url = f"redis://127.0.0.1:{redis_server.port}/{db_pair}"
     settings = Settings(broker_url=url)
-    sink = open_sink("redis-stream://modq:test-embeddings", settings)
+    sink = open_sink("redis-stream://modq:test-embeddings", settings.endpoints)
     written = _records(2500)  # more than one XRANGE page
     for record in written:
         sink.write(record)
@@ -78,7 +80,7 @@ def test_a_redis_stream_sink_reads_back_page_by_page(
     assert client.xlen("modq:test-embeddings") == 2500
     entry = client.xrange("modq:test-embeddings", count=1)[0][1]
     assert len(entry[b"embedding"]) == 16 * 4  # float32 bytes, not JSON
-    read = list(RecordSource("redis-stream://modq:test-embeddings", settings))
+    read = list(RecordSource("redis-stream://modq:test-embeddings", settings.endpoints))
     assert [r.to_dict() for r in read] == [r.to_dict() for r in written]
     client.delete("modq:test-embeddings")
 
@@ -113,7 +115,7 @@ def test_the_worker_streams_every_embedding_with_where_the_image_went(
     worker.stop()
     results = {rid: got[0] for rid, got in collector.results.items()}
     assert all(r.status is Status.OK and r.verdict is Verdict.BLOCK for r in results.values())
-    records = {r.request_id: r for r in RecordSource(str(shards), Settings())}
+    records = {r.request_id: r for r in RecordSource(str(shards))}
     assert set(records) == set(results)
     for request_id, record in records.items():
         result = results[request_id]

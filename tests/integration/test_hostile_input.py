@@ -575,7 +575,8 @@ def _private_addresses(
 
     # The same store the worker builds, in this process, with connect() spied on: not one
     # attempt for any of them; the control shows the spy sees a connect when one is allowed.
-    store = build_store(Settings(http_allowed_networks=[], http_timeout_s=2.0))
+    settings = Settings(http_allowed_networks=[], http_timeout_s=2.0)
+    store = build_store(settings.storage, settings.http)
     http = store.store_for("http://x/")
     assert isinstance(http, HttpStore)
     local_codes, attempts = _in_process_connects(monkeypatch, http, list(urls.values()))

@@ -279,12 +279,12 @@ def test_the_store_returns_the_closest_as_brute_force_does(
 
 def test_the_bank_redis_and_prefix_come_from_settings() -> None:
     with pytest.raises(ConfigError, match="MODQ_BANK_URL and MODQ_CACHE_URL are both empty"):
-        RedisBankStore.from_settings(Settings(bank_url=None, cache_url=None))
+        RedisBankStore.from_settings(Settings(bank_url=None, cache_url=None).banks)
     for bank_url, port, db in (("redis://127.0.0.1:7001/5", 7001, 5), (None, 7002, 1)):
         settings = Settings(
             bank_url=bank_url, cache_url="redis://127.0.0.1:7002/1", cache_prefix="p"
         )
-        store = RedisBankStore.from_settings(settings)  # connects lazily: no server needed
+        store = RedisBankStore.from_settings(settings.banks)  # connects lazily: no server needed
         connection = store.client.connection_pool.connection_kwargs
         assert (connection["port"], connection["db"]) == (port, db)
         assert connection["socket_timeout"] == 1.0

@@ -591,7 +591,7 @@ def test_build_publisher_makes_the_stream_client_on_first_use() -> None:
         broker_url="redis://broker:6379/0", callback_redis_url="redis://callbacks:6379/2"
     )
     send_task = SendTask()
-    router = build_publisher(settings, send_task, factory)
+    router = build_publisher(settings.callbacks, settings.http, send_task, factory)
     assert urls == []
     router.publish("redis-stream://results", RESULT)
     router.publish("redis-stream://results", RESULT)
@@ -605,7 +605,9 @@ def test_build_publisher_makes_the_stream_client_on_first_use() -> None:
 
 def test_build_publisher_without_redis_or_broker_explains() -> None:
     settings = _settings(broker_url="amqp://guest:hunter2@rabbit//")
-    router = build_publisher(settings, None, lambda url: pytest.fail("no client expected"))
+    router = build_publisher(
+        settings.callbacks, settings.http, None, lambda url: pytest.fail("no client expected")
+    )
     with pytest.raises(InvalidCallback, match="MODQ_CALLBACK_REDIS_URL") as caught:
         router.publish("redis-stream://results", RESULT)
     assert "hunter2" not in str(caught.value)
@@ -622,7 +624,7 @@ def test_build_publisher_wires_the_webhook_settings() -> None:
         webhook_timeout_s=2.5,
         http_allowed_networks="10.1.0.0/16",
     )
-    router = build_publisher(settings)
+    router = build_publisher(settings.callbacks, settings.http)
     webhook = router.publishers["https"]
     assert isinstance(webhook, WebhookPublisher)
     assert (webhook.retries, webhook.timeout_s) == (1, 2.5)

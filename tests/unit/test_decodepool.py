@@ -327,8 +327,10 @@ def test_a_closed_pool_refuses_work_and_leaves_no_decoder_behind() -> None:
 
 
 def test_settings_choose_the_decoder() -> None:
-    assert isinstance(build_decoder(Settings(decode_processes=0)), InProcessDecoder)
-    pool = build_decoder(Settings(decode_processes=2, decode_cpu_s=1.5, decode_max_memory_mb=300))
+    assert isinstance(build_decoder(Settings(decode_processes=0).decode), InProcessDecoder)
+    pool = build_decoder(
+        Settings(decode_processes=2, decode_cpu_s=1.5, decode_max_memory_mb=300).decode
+    )
     try:
         assert isinstance(pool, DecodePool)
         assert pool.backstop == Backstop(2, 1.5, 300, 20.0)
@@ -336,7 +338,7 @@ def test_settings_choose_the_decoder() -> None:
     finally:
         pool.close()
     cores = len(os.sched_getaffinity(0))
-    pool = build_decoder(Settings())
+    pool = build_decoder(Settings().decode)
     try:
         assert isinstance(pool, DecodePool) and len(pool.pids()) == cores
     finally:

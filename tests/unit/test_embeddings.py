@@ -67,7 +67,7 @@ def test_shards_round_trip_every_field(tmp_path: Path, fmt: str) -> None:
     sink.close()
     names = sorted(p.name for p in (tmp_path / "shards").iterdir())
     assert len(names) == 3 and all(name.endswith(f".{fmt}") for name in names)
-    read = list(RecordSource(str(tmp_path / "shards"), Settings()))
+    read = list(RecordSource(str(tmp_path / "shards")))
     assert [r.request_id for r in read] == [r.request_id for r in written]
     for a, b in zip(read, written, strict=True):
         assert a.to_dict() == b.to_dict()
@@ -83,7 +83,7 @@ def test_idle_buffer_is_flushed_by_the_timer(tmp_path: Path) -> None:
         time.sleep(0.02)
         deadline -= 1
     sink.close()
-    assert len(list(RecordSource(str(tmp_path), Settings()))) == 1
+    assert len(list(RecordSource(str(tmp_path)))) == 1
 
 
 class _FlakyShards(LocalFolder):
@@ -105,7 +105,7 @@ def test_a_failed_shard_is_kept_and_written_at_the_next_flush(tmp_path: Path) ->
     assert not list(tmp_path.glob("*.jsonl"))
     target.fail = False
     sink.close()
-    assert sorted(r.request_id for r in RecordSource(str(tmp_path), Settings())) == [
+    assert sorted(r.request_id for r in RecordSource(str(tmp_path))) == [
         "r0",
         "r1",
         "r2",
@@ -114,21 +114,21 @@ def test_a_failed_shard_is_kept_and_written_at_the_next_flush(tmp_path: Path) ->
 
 def test_a_bad_sink_uri_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="unknown option"):
-        open_sink(f"file://{tmp_path}?colour=red", Settings())
+        open_sink(f"file://{tmp_path}?colour=red")
     with pytest.raises(ConfigError, match="format"):
-        open_sink(f"file://{tmp_path}?format=csv", Settings())
+        open_sink(f"file://{tmp_path}?format=csv")
     with pytest.raises(ConfigError):
-        open_sink("ftp://host/dir", Settings())
+        open_sink("ftp://host/dir")
 
 
 def test_a_malformed_shard_is_refused_with_its_line(tmp_path: Path) -> None:
     (tmp_path / "a.jsonl").write_text(json.dumps(_record(1).to_dict()) + "\n{oops\n")
     with pytest.raises(InvalidDataset, match="line 2"):
-        list(RecordSource(str(tmp_path), Settings()))
+        list(RecordSource(str(tmp_path)))
     bad = _record(2).to_dict() | {"embedding": [1.0, float("nan")]}
     (tmp_path / "a.jsonl").write_text(json.dumps(bad) + "\n")
     with pytest.raises(InvalidDataset, match="finite"):
-        list(RecordSource(str(tmp_path), Settings()))
+        list(RecordSource(str(tmp_path)))
 
 
 def test_every_model_run_streams_one_embedding_and_cache_hits_none(
@@ -219,9 +219,9 @@ def test_scan_report_lines_are_records(backend: Backend, folder: Path, tmp_path:
         tmp_path / "r2.jsonl",
         None,
     )
-    source = RecordSource(str(report), Settings())
+    source = RecordSource(str(report))
     records = list(source)
     assert len(records) == 5 and source.skipped == 0
     assert {r.vector.size for r in records} == {backend.card.embedding_dim}
-    second = RecordSource(str(tmp_path / "r2.jsonl"), Settings())
+    second = RecordSource(str(tmp_path / "r2.jsonl"))
     assert list(second) == [] and second.skipped == 6  # no --embed, and one error line

@@ -89,7 +89,7 @@ def open_cache(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OpenC
             closers.append(lite.close)
             return lite
         settings = Settings(cache_url=url, cache_prefix=f"t{uuid.uuid4().hex[:10]}")
-        shared = RedisCache.from_settings(settings)
+        shared = RedisCache.from_settings(settings.cache)
         closers.append(shared.close)
         return shared
 
@@ -314,12 +314,12 @@ def test_the_old_safe_reuse_option_is_accepted_warned_about_and_reuses_nothing(
 ) -> None:
     settings = Settings(perceptual_reuse_safe=True)
     with capture_logs() as logs:
-        options = PerceptualOptions.from_settings(settings)
+        options = PerceptualOptions.from_settings(settings.cache)
     assert options == PerceptualOptions(radius=settings.perceptual_radius)
     warned = [e for e in logs if e["log_level"] == "warning"]
     assert len(warned) == 1 and "MODQ_PERCEPTUAL_REUSE_SAFE" in warned[0]["event"]
     with capture_logs() as quiet:
-        PerceptualOptions.from_settings(Settings(perceptual_reuse_safe=False))
+        PerceptualOptions.from_settings(Settings(perceptual_reuse_safe=False).cache)
     assert quiet == []
 
     memory = MemoryCache()
@@ -367,7 +367,7 @@ def test_open_nsfw_a_review_neighbour_never_launders_a_block(
             return SQLiteCache(tmp_path / f"{uuid.uuid4().hex}.sqlite3", RADIUS)
         url = str(request.getfixturevalue("redis_url"))
         prefix = f"t{uuid.uuid4().hex[:10]}"
-        return RedisCache.from_settings(Settings(cache_url=url, cache_prefix=prefix))
+        return RedisCache.from_settings(Settings(cache_url=url, cache_prefix=prefix).cache)
 
     files = {"mem://grey.png": grey, "mem://skin.jpg": skin}
     first, second = open_one(), open_one()

@@ -287,14 +287,14 @@ def test_every_front_end_resolves_the_banks_as_modq_bank_does() -> None:
         (Settings(), None),
     )
     for settings, explicit in cases:
-        gate = BankGate.from_settings(settings)
+        gate = BankGate.from_settings(settings.banks)
         assert gate is not None
         # the same Redis `modq bank` writes to
-        assert where(gate.store) == where(RedisBankStore.from_settings(settings))
+        assert where(gate.store) == where(RedisBankStore.from_settings(settings.banks))
         assert gate.explicit == explicit
         assert gate.required is (explicit == "MODQ_BANK_URL")
         gate.close()
-    assert BankGate.from_settings(Settings(cache_url=None)) is None
+    assert BankGate.from_settings(Settings(cache_url=None).banks) is None
 
 
 def test_a_worker_waits_for_the_bank_list_until_it_has_read_it_once() -> None:

@@ -77,7 +77,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, VectorIndex]
     work = tmp_path_factory.mktemp("scan")
     report = work / "report.jsonl"
     run_scan(Settings(cache_dir=work / "cache", cache_url=None), [folder], report, None, embed=True)
-    index = VectorIndex.build(RecordSource(str(report), Settings()))
+    index = VectorIndex.build(RecordSource(str(report)))
     index.save(work / "index")
     return folder, VectorIndex.open(work / "index")
 
@@ -200,7 +200,7 @@ def test_contact_sheets_show_the_images_and_mark_the_missing(tmp_path: Path) -> 
     [first, *_] = cluster_index(index, only={"block"}, k=3)
     items = first.items[:7]
     (tmp_path / items[0].image.removeprefix("file://").split("/")[-1]).unlink()
-    store = reader_for((i.where for i in items), Settings())
+    store = reader_for((i.where for i in items), Settings().storage)
     out = write_sheet(items, "cluster", tmp_path / "sheets" / "c.png", store, DecodeLimits())
     sheet = Image.open(out)
     assert sheet.format == "PNG" and sheet.size == (6 * 160, 28 + 2 * 176)

@@ -347,12 +347,12 @@ def test_tag_action_is_refused_for_local_files(root: Path, tmp_path: Path) -> No
 
 def test_build_quarantine_from_settings(root: Path, tmp_path: Path) -> None:
     settings = Settings(allowed_roots=[str(root)], allowed_buckets=["images"])
-    store = build_store(settings)
-    assert build_quarantine(settings, store) is None
+    store = build_store(settings.storage, settings.http)
+    assert build_quarantine(settings.storage, store) is None
 
     folder = tmp_path / "q"
     local = build_quarantine(
-        settings.model_copy(update={"quarantine_uri": file_ref(folder)}), store
+        settings.model_copy(update={"quarantine_uri": file_ref(folder)}).storage, store
     )
     assert isinstance(local, LocalQuarantine)
     assert local.destination == folder and local.action == "move"
@@ -360,7 +360,7 @@ def test_build_quarantine_from_settings(root: Path, tmp_path: Path) -> None:
     s3 = build_quarantine(
         settings.model_copy(
             update={"quarantine_uri": "s3://vault/held", "quarantine_action": "tag"}
-        ),
+        ).storage,
         store,
     )
     assert isinstance(s3, S3Quarantine)
@@ -374,13 +374,13 @@ def test_build_quarantine_from_settings(root: Path, tmp_path: Path) -> None:
 def test_build_quarantine_refuses_bad_settings(uri: str, action: str) -> None:
     settings = Settings(quarantine_uri=uri, quarantine_action=action)
     with pytest.raises(ConfigError):
-        build_quarantine(settings, build_store(settings))
+        build_quarantine(settings.storage, build_store(settings.storage, settings.http))
 
 
 def test_s3_quarantine_needs_an_s3_store(tmp_path: Path) -> None:
     settings = Settings(quarantine_uri="s3://vault/")
     with pytest.raises(ConfigError, match="s3://"):
-        build_quarantine(settings, LocalStore([tmp_path]))
+        build_quarantine(settings.storage, LocalStore([tmp_path]))
 
 
 def test_a_concurrent_delivery_that_finished_the_move_first_is_not_reported_missing(

@@ -93,7 +93,9 @@ def harness(monkeypatch: pytest.MonkeyPatch) -> Iterator[Harness]:
 
 
 def test_a_request_is_moderated_and_published_before_the_task_returns(harness: Harness) -> None:
-    outcome = harness.apply({"request_id": "r-1", "image": "s3://uploads/red.png", "callback": HOOK})
+    outcome = harness.apply(
+        {"request_id": "r-1", "image": "s3://uploads/red.png", "callback": HOOK}
+    )
     assert outcome.successful()
     assert outcome.result == {"request_id": "r-1", "status": "ok"}
     [(callback, result)] = harness.publisher.published
@@ -125,7 +127,9 @@ def test_a_misshapen_call_is_an_invalid_request(harness: Harness) -> None:
 
 def test_a_transient_failure_is_retried_then_answered(harness: Harness) -> None:
     harness.store.failures = 2  # two 503s, then the object reads
-    outcome = harness.apply({"request_id": "r-5", "image": "s3://uploads/red.png", "callback": HOOK})
+    outcome = harness.apply(
+        {"request_id": "r-5", "image": "s3://uploads/red.png", "callback": HOOK}
+    )
     assert outcome.result == {"request_id": "r-5", "status": "ok"}
     assert harness.store.reads == 3
     [(_, result)] = harness.publisher.published  # one answer, after the retries
@@ -134,7 +138,9 @@ def test_a_transient_failure_is_retried_then_answered(harness: Harness) -> None:
 
 def test_retries_run_out_into_a_published_retryable_error(harness: Harness) -> None:
     harness.store.failures = 100
-    outcome = harness.apply({"request_id": "r-6", "image": "s3://uploads/red.png", "callback": HOOK})
+    outcome = harness.apply(
+        {"request_id": "r-6", "image": "s3://uploads/red.png", "callback": HOOK}
+    )
     assert outcome.result == {"request_id": "r-6", "status": "error"}
     assert harness.store.reads == 3  # the first attempt and max_retries=2 retries
     [(_, result)] = harness.publisher.published

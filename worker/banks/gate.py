@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 from worker.banks.base import BankInfo, BankMatch, BankStore
 from worker.banks.pdq import PDQ_MAX_DISTANCE, PDQ_QUALITY_MIN, PdqHash
-from worker.config import Settings
+from worker.config import BankSettings
 from worker.errors import BankUnavailable, ConfigError
 from worker.log import get_logger
 
@@ -70,20 +70,19 @@ class BankGate:
         self._ever_enabled = False
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, until_read: bool = False) -> BankGate | None:
+    def from_settings(cls, banks: BankSettings, *, until_read: bool = False) -> BankGate | None:
         """The gate over the banks ``modq bank`` writes to (``MODQ_BANK_URL``, else
         ``MODQ_CACHE_URL``), with the settings' limits; ``None`` when both are empty."""
         from worker.banks.redis import RedisBankStore
 
-        url = settings.banks_redis_url
-        if not url:
+        if not banks.url:
             return None
         return cls(
-            RedisBankStore(url, settings.cache_prefix),
-            settings.bank_max_distance,
-            settings.bank_quality_min,
-            required=settings.bank_url is not None,
-            explicit=_explicit_setting(settings),
+            RedisBankStore(banks.url, banks.prefix),
+            banks.max_distance,
+            banks.quality_min,
+            required=banks.named_by == "MODQ_BANK_URL",
+            explicit=banks.named_by,
             until_read=until_read,
         )
 
@@ -133,12 +132,3 @@ class BankGate:
 
     def close(self) -> None:
         self.store.close()
-
-
-def _explicit_setting(settings: Settings) -> str | None:
-    """The setting that named the bank store, if one was given (not the built-in default)."""
-    if settings.bank_url is not None:
-        return "MODQ_BANK_URL"
-    if settings.cache_url is not None and "cache_url" in settings.model_fields_set:
-        return "MODQ_CACHE_URL"
-    return None

@@ -47,7 +47,7 @@ from worker.banks.base import (
 )
 from worker.banks.mih import CHUNKS, probes
 from worker.banks.pdq import HASH_BITS, PDQ_MAX_DISTANCE, parse_pdq
-from worker.config import Settings
+from worker.config import BankSettings
 from worker.errors import BankUnavailable, ConfigError
 from worker.redisconn import redis_client
 
@@ -122,15 +122,14 @@ class RedisBankStore(BankStore):
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, timeout_s: float = DEFAULT_TIMEOUT_S
+        cls, banks: BankSettings, timeout_s: float = DEFAULT_TIMEOUT_S
     ) -> RedisBankStore:
         """The banks at MODQ_BANK_URL (default: the verdict cache's Redis), MODQ_CACHE_PREFIX."""
-        url = settings.banks_redis_url
-        if not url:
+        if not banks.url:
             raise ConfigError(
                 "MODQ_BANK_URL and MODQ_CACHE_URL are both empty: no Redis for the hash banks"
             )
-        return cls(url, settings.cache_prefix, timeout_s=timeout_s)
+        return cls(banks.url, banks.prefix, timeout_s=timeout_s)
 
     def close(self) -> None:
         if self._owns_client:

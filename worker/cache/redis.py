@@ -31,7 +31,7 @@ import redis
 
 from worker.cache.base import CachedEntry, NearMatch, check_radius, indexable_phash, rank_near
 from worker.cache.mih import DEFAULT_RADIUS, layout_for, parse_hash, probes
-from worker.config import Settings
+from worker.config import CacheSettings
 from worker.errors import CacheUnavailable, ConfigError
 from worker.log import get_logger
 from worker.redisconn import redis_client as shared_client
@@ -154,16 +154,11 @@ class RedisCache:
         self.breaker = CircuitBreaker("verdict cache (redis)", breaker_s, clock)
 
     @classmethod
-    def from_settings(cls, settings: Settings, client: redis.Redis | None = None) -> RedisCache:
-        target = client if client is not None else settings.cache_url
+    def from_settings(cls, cache: CacheSettings, client: redis.Redis | None = None) -> RedisCache:
+        target = client if client is not None else cache.url
         if target is None:
             raise ConfigError("MODQ_CACHE_URL is empty, so there is no Redis verdict cache")
-        return cls(
-            target,
-            settings.cache_prefix,
-            settings.cache_ttl_s,
-            radius=settings.perceptual_radius,
-        )
+        return cls(target, cache.prefix, cache.ttl_s, radius=cache.perceptual_radius)
 
     @property
     def radius(self) -> int:

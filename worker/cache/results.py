@@ -23,7 +23,7 @@ from worker.cache.redis import (
     CircuitBreaker,
     redis_client,
 )
-from worker.config import Settings
+from worker.config import CacheSettings
 from worker.errors import ConfigError
 
 __all__ = ["MemoryResultStore", "RedisResultStore", "ResultStore"]
@@ -90,12 +90,12 @@ class RedisResultStore:
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, client: redis.Redis | None = None
+        cls, cache: CacheSettings, client: redis.Redis | None = None
     ) -> RedisResultStore:
-        target = client if client is not None else settings.cache_url
+        target = client if client is not None else cache.url
         if target is None:
             raise ConfigError("MODQ_CACHE_URL is empty, so there is no Redis result store")
-        return cls(target, settings.cache_prefix, settings.result_ttl_s)
+        return cls(target, cache.prefix, cache.result_ttl_s)
 
     def close(self) -> None:
         if self._owns_client:

@@ -112,4 +112,4 @@ def calibrate(
     # The policy decides nothing here: verdicts are recomputed from the chosen thresholds.
     settings = settings.model_copy(update={"policy": "default"})
     with build_runtime(settings, store=store, cache=None, quarantine=None, extras=False) as rt:
-        return analyse(request, score_images(settings, rt.pipeline, images, on_result))
+        return analyse(request, score_images(settings.batching, rt.pipeline, images, on_result))

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from worker.calibrate.dataset import LabelledImage
-from worker.config import Settings
+from worker.config import BatchingSettings
 from worker.messages import ModelInfo, ModerationResult, Status
 from worker.pipeline import Pipeline
 
@@ -42,7 +42,7 @@ class ScoredSet:
 
 
 def score_images(
-    settings: Settings,
+    batching: BatchingSettings,
     pipeline: Pipeline,
     images: Sequence[LabelledImage],
     on_result: Callable[[], None] | None = None,
@@ -54,7 +54,7 @@ def score_images(
 
     by_ref = {file_ref(image.path): image for image in images}
     results: dict[str, ModerationResult] = {}
-    for result in pipeline.process_many(by_ref, _concurrency(settings)):
+    for result in pipeline.process_many(by_ref, _concurrency(batching)):
         results[result.image] = result
         if on_result is not None:
             on_result()
@@ -71,7 +71,8 @@ def score_images(
     return ScoredSet(scored, failed, pipeline.model, pipeline.options.exact_decode)
 
 
-def _concurrency(settings: Settings) -> int:
+def _concurrency(batching: BatchingSettings) -> int:
     # As in `modq scan`: enough threads to fill a batch while one runs, bounded by the cores.
     cores = os.cpu_count() or 1
-    return max(4, min(2 * settings.max_batch_size, settings.max_batch_size + 2 * cores))
+    size = batching.max_batch_size
+    return max(4, min(2 * size, size + 2 * cores))

@@ -35,7 +35,7 @@ from worker.callbacks.webhook import (
     signing_key,
     verify_signature,
 )
-from worker.config import Settings
+from worker.config import CallbackSettings, HttpSettings
 from worker.errors import InvalidCallback
 from worker.log import get_logger
 from worker.storage.netguard import NetworkGuard
@@ -89,34 +89,33 @@ def redis_stream_client(url: str) -> StreamClient:
     return client
 
 
-def reserved_names(settings: Settings) -> ReservedNames:
+def reserved_names(callbacks: CallbackSettings) -> ReservedNames:
     """What no callback may write to, on the broker or the callback Redis: modq's request
     and dead-letter queues, kombu's keys (always) and every key under ``{cache_prefix}:``."""
-    return ReservedNames(
-        (settings.queue, settings.dead_letter_queue), (f"{settings.cache_prefix}:",)
-    )
+    return ReservedNames(callbacks.reserved_names, callbacks.reserved_prefixes)
 
 
 def build_publisher(
-    settings: Settings,
+    callbacks: CallbackSettings,
+    http: HttpSettings,
     send_task: Callable[..., object] | None = None,
     redis_client_factory: Callable[[str], StreamClient] = redis_stream_client,
 ) -> CallbackRouter:
     """The router for a worker: ``send_task`` is the Celery app's (``None`` where there is
     no broker, as in ``scan``); the stream client is made on the first stream callback."""
     celery = None
-    reserved = reserved_names(settings)
+    reserved = reserved_names(callbacks)
     if send_task is not None:
         celery = CeleryPublisher(send_task, reserved=reserved)
     return CallbackRouter(
         celery=celery,
-        redis_stream=_stream_publisher(settings, redis_client_factory, reserved),
-        webhook=_webhook_publisher(settings),
+        redis_stream=_stream_publisher(callbacks, redis_client_factory, reserved),
+        webhook=_webhook_publisher(callbacks, http),
     )
 
 
-def _webhook_publisher(settings: Settings) -> Publisher:
-    secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else ""
+def _webhook_publisher(callbacks: CallbackSettings, http: HttpSettings) -> Publisher:
+    secret = callbacks.webhook_secret.get_secret_value() if callbacks.webhook_secret else ""
     if not secret:
         reason = (
             "webhook callbacks are disabled: this worker has no signing secret "
@@ -125,17 +124,17 @@ def _webhook_publisher(settings: Settings) -> Publisher:
         log.info(reason)
         return RefusingPublisher(reason)
     return WebhookPublisher(
-        NetworkGuard(settings.http_allowed_networks),
+        NetworkGuard(http.allowed_networks),
         secret,
-        retries=settings.webhook_retries,
-        timeout_s=settings.webhook_timeout_s,
+        retries=callbacks.webhook_retries,
+        timeout_s=callbacks.webhook_timeout_s,
     )
 
 
 def _stream_publisher(
-    settings: Settings, factory: Callable[[str], StreamClient], reserved: ReservedNames
+    callbacks: CallbackSettings, factory: Callable[[str], StreamClient], reserved: ReservedNames
 ) -> Publisher:
-    url = settings.callback_redis_url or settings.broker_url
+    url = callbacks.redis_url
     scheme = urlsplit(url).scheme
     if scheme not in _REDIS_SCHEMES:
         # Only the scheme is named: the URL may carry a password.

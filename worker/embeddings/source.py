@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from worker.config import Settings
+from worker.config import EndpointSettings
 from worker.embeddings.record import EmbeddingRecord
 from worker.embeddings.shards import decode_shard, shard_format
 from worker.embeddings.sink import (
@@ -42,23 +42,26 @@ def _options(query: str, allowed: set[str], uri: str) -> dict[str, str]:
     return options
 
 
-def _redis(settings: Settings) -> Any:
+def _redis(endpoints: EndpointSettings) -> Any:
     import redis
 
-    return redis.Redis.from_url(settings.callback_redis_url or settings.broker_url)
+    return redis.Redis.from_url(endpoints.redis_url)
 
 
-def open_sink(uri: str, settings: Settings) -> EmbeddingSink:
+_LOCAL = EndpointSettings()  # no S3 endpoint of its own; Redis on this machine
+
+
+def open_sink(uri: str, endpoints: EndpointSettings = _LOCAL) -> EmbeddingSink:
     """The sink ``MODQ_EMBEDDING_SINK`` (or ``--embedding-sink``) names."""
     parts = urlsplit(uri)
     try:
         if parts.scheme == "redis-stream":
             options = _options(parts.query, {"maxlen"}, uri)
             maxlen = int(options.get("maxlen", 1_000_000))
-            return RedisStreamSink(_redis(settings), _stream_name(uri), maxlen)
+            return RedisStreamSink(_redis(endpoints), _stream_name(uri), maxlen)
         options = _options(parts.query, {"format", "shard_size", "flush_s"}, uri)
         return ShardSink(
-            open_folder(uri, settings.s3_endpoint_url),
+            open_folder(uri, endpoints.s3_endpoint_url),
             options.get("format", "jsonl"),
             int(options.get("shard_size", 1000)),
             float(options.get("flush_s", 60.0)),
@@ -81,14 +84,14 @@ class RecordSource:
     scans run without ``--embed``) are counted in ``skipped``, malformed rows raise."""
 
     uri: str
-    settings: Settings
+    endpoints: EndpointSettings = _LOCAL
     skipped: int = 0
 
     def __iter__(self) -> Iterator[EmbeddingRecord]:
         if urlsplit(self.uri).scheme == "redis-stream":
             yield from self._stream()
             return
-        target = open_folder(self.uri, self.settings.s3_endpoint_url)
+        target = open_folder(self.uri, self.endpoints.s3_endpoint_url)
         if isinstance(target, LocalFolder) and not target.folder.exists():
             raise InvalidDataset(f"{self.uri}: no such file or folder")
         for name in target.names():
@@ -102,7 +105,7 @@ class RecordSource:
                 yield EmbeddingRecord.from_dict(row)
 
     def _stream(self) -> Iterator[EmbeddingRecord]:
-        client = _redis(self.settings)
+        client = _redis(self.endpoints)
         stream = _stream_name(self.uri)
         start = "-"
         while True:

@@ -11,10 +11,10 @@ when it cannot be made or written, the result goes out without one (logged and c
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import replace
 
 from worker import metrics
-from worker.config import Settings
 from worker.decode import DecodeLimits, decode
 from worker.errors import ModelConfigError, ModqError
 from worker.explain.base import Explainer
@@ -38,20 +38,22 @@ class ReviewHeatmaps:
         self.alpha = alpha
 
     @classmethod
-    def from_settings(cls, settings: Settings, uri: str, backend: Backend) -> ReviewHeatmaps:
+    def build(
+        cls,
+        uri: str,
+        backend: Backend,
+        fp32: Callable[[], Backend],
+        limits: DecodeLimits,
+        s3_endpoint_url: str | None = None,
+    ) -> ReviewHeatmaps:
         """Explain with the worker's own backend where its method allows; a backend it cannot
-        explain (an ONNX export of a ViT) is loaded again at fp32 from the model's files."""
+        explain (an ONNX export of a ViT) is loaded again at fp32 from the model's files
+        (``fp32``)."""
         try:
             explainer = create_explainer(backend)
         except ModelConfigError:
-            from worker.models.factory import create_backend
-
-            reference = create_backend(settings.model, settings.device, "fp32", settings.threads)
-            explainer = create_explainer(reference)
-        limits = DecodeLimits(
-            settings.max_image_bytes, settings.max_image_pixels, settings.max_frames, 1
-        )
-        return cls(explainer, open_folder(uri, settings.s3_endpoint_url), limits)
+            explainer = create_explainer(fp32())
+        return cls(explainer, open_folder(uri, s3_endpoint_url), limits)
 
     def attach(self, data: bytes, sha256: str, request_id: str) -> str | None:
         """Write the heatmap of the image ``data`` holds; its reference, or None on failure."""

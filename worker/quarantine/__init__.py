@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from worker.config import Settings
+from worker.config import StorageSettings
 from worker.errors import ConfigError, InvalidReference
 from worker.quarantine.base import Quarantine
 from worker.quarantine.local import LocalQuarantine
@@ -17,10 +17,10 @@ __all__ = ["LocalQuarantine", "Quarantine", "S3Quarantine", "build_quarantine"]
 T = TypeVar("T")
 
 
-def build_quarantine(settings: Settings, store: ObjectStore) -> Quarantine | None:
+def build_quarantine(storage: StorageSettings, store: ObjectStore) -> Quarantine | None:
     """The quarantine ``MODQ_QUARANTINE_URI`` names (``s3://bucket/prefix/`` or
     ``file:///dir``), acting on sources read through ``store``; ``None`` when unset."""
-    uri = settings.quarantine_uri
+    uri = storage.quarantine_uri
     if uri is None:
         return None
     scheme = uri.partition("://")[0].lower()
@@ -31,12 +31,12 @@ def build_quarantine(settings: Settings, store: ObjectStore) -> Quarantine | Non
             return S3Quarantine(
                 s3,
                 uri,
-                settings.quarantine_action,
+                storage.quarantine_action,
                 local if isinstance(local, LocalStore) else None,
             )
         if scheme == "file":
             local = _store_of(store, "file", LocalStore)
-            return LocalQuarantine(ref_to_path(uri), local, settings.quarantine_action)
+            return LocalQuarantine(ref_to_path(uri), local, storage.quarantine_action)
     except InvalidReference as exc:
         raise ConfigError(f"MODQ_QUARANTINE_URI: {exc}") from exc
     raise ConfigError(f"MODQ_QUARANTINE_URI={uri!r}: use s3://bucket/prefix/ or file:///dir")

@@ -36,7 +36,7 @@ def embed_image(target: str, index: VectorIndex, settings: Settings) -> np.ndarr
     from worker.runtime import build_runtime
 
     ref = target if "://" in target else file_ref(Path(target))
-    store = reader_for([ref], settings)
+    store = reader_for([ref], settings.storage)
     with build_runtime(
         settings, store=store, cache=None, quarantine=None, extras=False, embed=True
     ) as runtime:

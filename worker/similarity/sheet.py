@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from worker.config import Settings
+from worker.config import StorageSettings
 from worker.decode import DecodeLimits, decode
 from worker.errors import ModqError
 from worker.similarity.index import IndexedImage
@@ -28,12 +28,12 @@ _BACKGROUND = (24, 24, 24)
 _TEXT = (235, 235, 235)
 
 
-def reader_for(refs: Iterable[str], settings: Settings) -> ObjectStore:
+def reader_for(refs: Iterable[str], storage: StorageSettings) -> ObjectStore:
     """A store that reads the given references: their own folders and buckets (the operator's
     index names them), plus whatever the settings allow."""
     refs = list(refs)
-    roots = {Path(root) for root in settings.allowed_roots}
-    buckets = set(settings.allowed_buckets)
+    roots = {Path(root) for root in storage.allowed_roots}
+    buckets = set(storage.allowed_buckets)
     for ref in refs:
         try:
             if ref.startswith("file://"):
@@ -43,7 +43,7 @@ def reader_for(refs: Iterable[str], settings: Settings) -> ObjectStore:
         except ModqError:
             continue  # an unreadable reference becomes a grey tile, not a failed sheet
     return RoutingStore(
-        {"file": LocalStore(roots), "s3": S3Store(sorted(buckets), settings.s3_endpoint_url)}
+        {"file": LocalStore(roots), "s3": S3Store(sorted(buckets), storage.s3_endpoint_url)}
     )
 
 

@@ -1,7 +1,8 @@
 """One store for every reference: dispatch by URL scheme to the store that owns it.
 
 The pipeline reads through a single ``ObjectStore``; which schemes a deployment accepts, and
-under what limits (roots, buckets, networks), is decided once here from ``Settings``.
+under what limits (roots, buckets, networks), is decided once here from the storage and
+HTTP settings.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from worker.config import Settings
+from worker.config import HttpSettings, StorageSettings
 from worker.errors import InvalidReference
 from worker.storage.base import ObjectStore
 from worker.storage.http import HttpStore
@@ -36,14 +37,15 @@ class RoutingStore:
         return self.store_for(ref).read(ref, max_bytes)
 
 
-def build_store(settings: Settings) -> RoutingStore:
+def build_store(storage: StorageSettings, http_settings: HttpSettings) -> RoutingStore:
     """The store for ``file://``, ``s3://``, ``http://`` and ``https://`` references, each
     confined by the settings (no roots or buckets configured: nothing of that kind is read)."""
-    http = HttpStore(NetworkGuard(settings.http_allowed_networks), settings.http_timeout_s)
+    guard = NetworkGuard(http_settings.allowed_networks)
+    http = HttpStore(guard, http_settings.timeout_s)
     return RoutingStore(
         {
-            "file": LocalStore(Path(root) for root in settings.allowed_roots),
-            "s3": S3Store(settings.allowed_buckets, settings.s3_endpoint_url),
+            "file": LocalStore(Path(root) for root in storage.allowed_roots),
+            "s3": S3Store(storage.allowed_buckets, storage.s3_endpoint_url),
             "http": http,
             "https": http,
         }
