@@ -20,7 +20,7 @@ from worker.cache import CachedEntry, NearMatch, VerdictCache, choose_near_match
 from worker.config import BatchingSettings, CacheSettings, DecodeSettings
 from worker.decode import DecodedImage, DecodeLimits, decode
 from worker.errors import CacheUnavailable
-from worker.hashing import ImageHashes, hash_image
+from worker.hashing import HASH_VERSION, ImageHashes, hash_image
 from worker.log import get_logger
 from worker.messages import CacheOutcome, HashInfo, Verdict
 from worker.models.backend import Backend, ModelOutput, Scores, scores_from_probabilities
@@ -121,7 +121,8 @@ class ScoreLookup:
         self.embed_always = embed_always
         card = backend.card
         draft = "exact" if options.exact_decode else f"draft{draft_size(card)}"
-        self.namespace = f"{card.cache_namespace}/{draft}"
+        # Scores are reused only for the same model, preprocessing, decode and hash method.
+        self.namespace = f"{card.cache_namespace}/{draft}/h{HASH_VERSION}"
         self._draft_size = None if options.exact_decode else draft_size(card)
         self.batcher: DynamicBatcher[_Job, _Inferred] = DynamicBatcher(
             self._infer, options.max_batch_size, options.max_wait_ms

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -16,6 +17,7 @@ from PIL import Image, ImageDraw
 from worker.actions import Actions
 from worker.cache import MemoryCache, SQLiteCache
 from worker.decode import DecodeLimits, decode
+from worker.hashing import HASH_VERSION
 from worker.messages import CacheOutcome, ModerationResult, Status, Verdict
 from worker.models.backend import Backend
 from worker.models.factory import create_backend
@@ -413,3 +415,30 @@ def test_process_many_runs_everything_once(backend: Backend) -> None:
     assert sorted(r.image for r in results) == sorted(objects)
     assert all(r.status is Status.OK for r in results)
     assert len({r.request_id for r in results}) == len(results)
+
+
+def test_entries_hashed_another_way_are_never_read(
+    backend: Backend, images: dict[str, Path]
+) -> None:
+    """The hash method's version is in every key: an entry written before the perceptual
+    hashes were taken from the reduced frame (no ``/h2``) is neither an exact nor a
+    perceptual match, and the model runs."""
+    root = images["photo.jpg"].parent
+    cache = MemoryCache()
+    ref = file_ref(images["photo.jpg"])
+    with _pipeline(backend, root, cache=cache) as pipeline:
+        assert pipeline.namespace.endswith(f"/h{HASH_VERSION}")
+        first = pipeline.process(ref)
+        assert first.hashes is not None and first.nsfw_score is not None
+        old = pipeline.namespace.removesuffix(f"/h{HASH_VERSION}")
+        entry = cache.get(pipeline.namespace, first.hashes.sha256)
+        assert entry is not None
+        stale = dataclasses.replace(entry, probabilities={"sfw": 0.0, "nsfw": 1.0})
+        cache.put(old, first.hashes.sha256, stale)
+        cache.put(pipeline.namespace, first.hashes.sha256, stale)
+        assert pipeline.process(ref).nsfw_score == 1.0  # this version's key is read
+    with _pipeline(backend, root, cache=MemoryCache()) as fresh:
+        fresh.cache.put(old, first.hashes.sha256, stale)  # type: ignore[union-attr]
+        result = fresh.process(ref)
+    assert result.cache is not None and result.cache.outcome is CacheOutcome.MISS
+    assert result.nsfw_score == pytest.approx(first.nsfw_score)

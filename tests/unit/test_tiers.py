@@ -79,13 +79,9 @@ def test_no_test_skips_because_a_server_is_missing() -> None:
     assert offenders == []
 
 
-# Unit tests that still start a server of their own; the list may only shrink.
-_UNIT_TESTS_WITH_A_SERVER = {"test_perceptual_reuse.py"}
-
-
-def test_unit_tests_start_no_server_but_the_known_ones() -> None:
+def test_unit_tests_start_no_server() -> None:
     servers = re.compile(r"^from tests\.support\.(redis_server|s3_server) import", re.M)
     starting = {
         path.name for path in (TESTS / "unit").rglob("*.py") if servers.search(path.read_text())
     }
-    assert starting <= _UNIT_TESTS_WITH_A_SERVER
+    assert starting == set()
