@@ -36,9 +36,9 @@ import redis
 
 from tests.support.redis_server import RedisServer
 from worker.banks import RedisBankStore
-from worker.banks.mih import CHUNKS, probes
-from worker.banks.pdq import HASH_BITS
 from worker.banks.redis import _closest as closest
+from worker.hashing.pdq import HASH_BITS
+from worker.hashing.pdq_index import CHUNKS, probes
 
 BANK = "bench"
 SEED = 20240601

@@ -26,9 +26,9 @@ import tempfile
 import time
 
 from tests.support.redis_server import RedisServer
-from worker.client import Client
 from worker.config import Settings
-from worker.pending import Sweeper
+from worker.queue.client import Client
+from worker.queue.sweep import Sweeper
 
 
 def send(broker: str, requests: int, record: bool, tag: str) -> float:

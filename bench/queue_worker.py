@@ -72,13 +72,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.scan import OUT, bare, floor, lookalike, make_images
 from tests.support.redis_server import RedisServer
 from tests.support.worker_process import WorkerProcess
-from worker.client import Client
 from worker.config import Settings
 from worker.decode import DecodeLimits, decode
 from worker.messages import CacheOutcome, ModerationResult, Status
 from worker.models.backend import Backend
 from worker.models.precision import load_model
 from worker.models.preprocess import draft_size
+from worker.queue.client import Client
 from worker.storage import file_ref
 
 WORK = OUT / "worker-bench"

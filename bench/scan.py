@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from worker.decode import DecodedImage, DecodeLimits, decode
-from worker.decodepool import Backstop, DecodePool
+from worker.decode.pool import Backstop, DecodePool
 from worker.hashing import hash_image
 from worker.models.backend import Backend
 from worker.models.precision import load_model

@@ -140,7 +140,7 @@ flower_port=$(free_port)
 flower=modq-smoke-flower-$$
 containers+=("$flower")
 "${run[@]}" -d --name "$flower" --no-healthcheck --network host -e MODQ_BROKER_URL="$broker" \
-    --entrypoint celery "$IMAGE" -A worker.celery_app flower --port="$flower_port" \
+    --entrypoint celery "$IMAGE" -A worker.queue.app flower --port="$flower_port" \
     --address=127.0.0.1 >/dev/null
 if ! python3 - "$flower_port" <<'EOF'
 import sys, time, urllib.request

@@ -53,7 +53,7 @@ def default_cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class DecodeSettings:
-    """Decode limits and the decode backstop (``worker.decode``, ``worker.decodepool``)."""
+    """Decode limits and the decode backstop (``worker.decode``, ``worker.decode.pool``)."""
 
     max_bytes: int = 40 * 1024 * 1024
     max_pixels: int = 50_000_000

@@ -12,7 +12,7 @@
                          result ◀── actions (heatmap, quarantine, embedding record)
 
 ``assess`` has no side effects and raises typed errors (``worker.errors``); where scores come
-from is ``worker.lookup``. The actions (``worker.actions``) run on the assessed result. The
+from is ``worker.scores``. The actions (``worker.actions``) run on the assessed result. The
 queue service stores the assessment between the two; ``process`` runs both in one call for
 ``modq scan`` and turns a failure into an error result with its stable code. Each call runs
 in its caller's thread; only the forward pass is shared, through the dynamic batcher. Knows
@@ -32,7 +32,6 @@ from worker.cache import VerdictCache
 from worker.errors import ModqError
 from worker.hashing import sha256_hex
 from worker.log import get_logger
-from worker.lookup import Found, PerceptualOptions, PipelineOptions, ScoreLookup
 from worker.messages import (
     ActionInfo,
     BankMatchInfo,
@@ -45,6 +44,7 @@ from worker.messages import (
 )
 from worker.models.backend import Backend
 from worker.policy import Policy
+from worker.scores import Found, PerceptualOptions, PipelineOptions, ScoreLookup
 from worker.storage import ObjectStore
 from worker.timing import Clock
 

@@ -24,16 +24,16 @@ from worker.cache import VerdictCache
 from worker.cache.leases import LeaseKeeper, RedisLeases
 from worker.cache.results import ResultStore
 from worker.config import Settings
-from worker.decodepool import Decoder, build_decoder
+from worker.decode.pool import Decoder, build_decoder
 from worker.errors import ConfigError
 from worker.log import get_logger
 from worker.models.backend import Backend
 from worker.optional import missing_extra
-from worker.pending import PendingRequests, Sweeper, resend_options
 from worker.pipeline import PerceptualOptions, Pipeline, PipelineOptions
 from worker.policy import POLICY_NAMES, Policy, load_policy
 from worker.quarantine import Quarantine
-from worker.service import DeliveryRules, ModerationService
+from worker.queue.service import DeliveryRules, ModerationService
+from worker.queue.sweep import PendingRequests, Sweeper, resend_options
 from worker.storage import ObjectStore
 
 __all__ = [
@@ -66,7 +66,7 @@ class Runtime:
     pipeline: Pipeline
     #: the policies a request may name (the configured one under its own name too)
     policies: dict[str, Policy]
-    #: the decode backstop's pool of decoder processes (worker.decodepool)
+    #: the decode backstop's pool of decoder processes (worker.decode.pool)
     decoder: Decoder
     #: queue mode: stored results, leases, publishers
     service: ModerationService | None = None
@@ -75,7 +75,7 @@ class Runtime:
     sweeper: Sweeper | None = None
 
     def start_sweeper(self, send_task: SendTask) -> None:
-        """Look for requests the broker lost every ``pending_sweep_s`` (see worker.pending)."""
+        """Look for requests the broker lost every ``pending_sweep_s`` (see worker.queue.sweep)."""
         if self.pending is None or self.sweeper is not None:
             return
         from worker.messages import MODERATE_TASK
@@ -248,8 +248,9 @@ class _QueueParts:
     def build(cls, settings: Settings, send_task: SendTask) -> _QueueParts:
         parts = cls(settings, send_task)
         if settings.cache_url:
-            from worker.cache.redis import RedisCache, redis_client
+            from worker.cache.redis import RedisCache
             from worker.cache.results import RedisResultStore
+            from worker.redisclient import redis_client
 
             with _building("MODQ_CACHE_URL", settings.cache_url):
                 client = redis_client(settings.cache_url)  # one pool: cache, results, leases

@@ -49,7 +49,7 @@ def test_explain_writes_an_overlay_of_the_images_size(tmp_path: Path, photo: Pat
     assert "method: grad_cam on a 7x7 grid; target: log-odds of nsfw" in proc.stdout
 
     # The same score and heatmap as the library gives in-process on the decoded image.
-    from worker.cli_explain import read_image
+    from worker.cli.explain import read_image
 
     image = read_image(photo, Settings())
     backend = create_backend("opennsfw")
@@ -91,7 +91,7 @@ def test_explaining_with_the_bundled_model_needs_no_torch(tmp_path: Path, photo:
     script = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from worker.cli_explain import read_image\n"
+        "from worker.cli.explain import read_image\n"
         "from worker.config import Settings\n"
         "from worker.explain import create_explainer\n"
         "from worker.models.factory import create_backend\n"

@@ -15,14 +15,14 @@ from typer.testing import CliRunner
 
 from tests.unit.models._support import require_torch_stack
 from tests.unit.test_finetune import LABELS, write_pattern_dataset
-from worker.cli_finetune import register
+from worker.cli.finetune import register
 from worker.messages import ModerationResult, Status, Verdict
 
 MODQ = Path(sys.executable).parent / "modq"
 
 
 def _app() -> typer.Typer:
-    """A typer app holding only `finetune`, registered as worker/cli.py registers it."""
+    """A typer app holding only `finetune`, registered as worker/cli/root.py registers it."""
     app = typer.Typer()
 
     @app.callback()

@@ -16,8 +16,9 @@ import pytest
 from tests.conftest import Observe
 from tests.support.cli import run_modq
 from tests.support.near_duplicates import hashes, own_score, skin_pair
-from worker.cache.mih import hamming, parse_hash
 from worker.config import Settings
+from worker.hashing.mih import hamming
+from worker.hashing.phash_index import parse_hash
 from worker.messages import CacheOutcome, ModerationResult, Status, Verdict
 from worker.models.factory import create_backend
 

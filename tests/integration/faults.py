@@ -20,8 +20,8 @@ from tests.support.ledger import Ledger, Tally, Upload
 from tests.support.receivers import STREAM, Collector
 from tests.support.s3_server import S3Server
 from tests.support.worker_process import WorkerProcess
-from worker.client import Client
 from worker.config import Settings
+from worker.queue.client import Client
 
 __all__ = [
     "CALLBACK",

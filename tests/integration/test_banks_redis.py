@@ -29,9 +29,9 @@ from worker.banks import (
     bank_client,
     pdq_hash,
 )
-from worker.banks.mih import CHUNK_BITS, CHUNKS
-from worker.cli_bank import register
+from worker.cli.bank import register
 from worker.errors import BankUnavailable, ConfigError, InvalidHashList, UnknownBank
+from worker.hashing.pdq_index import CHUNK_BITS, CHUNKS
 
 pytestmark = pytest.mark.integration
 

@@ -15,10 +15,10 @@ from tests.integration.conftest import WorkerFactory
 from tests.support.corpus import EXAMPLES
 from tests.support.receivers import STREAM, Collector
 from tests.support.worker_process import WorkerProcess
-from worker.client import Client
 from worker.config import Settings
 from worker.decode import DecodeLimits, decode
 from worker.messages import Status
+from worker.queue.client import Client
 
 pytestmark = [pytest.mark.integration, pytest.mark.reliability]
 
@@ -27,7 +27,7 @@ BUDGET_MB = 64
 
 
 def _decoders(worker: WorkerProcess) -> list[int]:
-    """The worker's decoder processes: its descendants running worker.decodechild."""
+    """The worker's decoder processes: its descendants running worker.decode.child."""
     assert worker.process is not None
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -45,7 +45,7 @@ def _decoders(worker: WorkerProcess) -> list[int]:
                 command = Path(f"/proc/{child}/cmdline").read_bytes()
             except OSError:
                 continue
-            if b"worker.decodechild" in command:
+            if b"worker.decode.child" in command:
                 found.append(child)
     return sorted(found)
 

@@ -15,10 +15,10 @@ from tests.support.images import distinct_images
 from tests.support.receivers import STREAM, Collector
 from tests.support.redis_server import RedisServer
 from tests.support.s3_server import CREDENTIALS, S3Server
-from worker.client import Client
 from worker.config import Settings
 from worker.embeddings import EmbeddingRecord, RecordSource, open_sink
 from worker.messages import Status, Verdict
+from worker.queue.client import Client
 
 
 def _records(count: int) -> list[EmbeddingRecord]:

@@ -25,9 +25,9 @@ from tests.integration.faults import wait_until
 from tests.support.images import noise_jpeg
 from tests.support.receivers import STREAM, Collector, drain
 from tests.support.worker_process import ROOT, WorkerProcess, free_port
-from worker.client import Client
 from worker.config import Settings
 from worker.messages import Status
+from worker.queue.client import Client
 
 pytestmark = [pytest.mark.integration, pytest.mark.reliability]
 
@@ -130,7 +130,7 @@ def test_a_worker_that_cannot_build_its_runtime_exits_without_taking_a_message(
 
 def _celery(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [str(Path(sys.executable).with_name("celery")), "-A", "worker.celery_app", "worker",
+        [str(Path(sys.executable).with_name("celery")), "-A", "worker.queue.app", "worker",
          "--without-gossip", "--without-mingle", *args],
         cwd=ROOT, env={"PATH": str(Path(sys.executable).parent), **env},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
@@ -140,7 +140,7 @@ def _celery(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
 def test_celery_own_command_line_runs_the_same_worker_or_none(
     start_worker: WorkerFactory, tmp_path: Path
 ) -> None:
-    """`celery -A worker.celery_app worker`, as Flower users start workers: the runtime is
+    """`celery -A worker.queue.app worker`, as Flower users start workers: the runtime is
     built in the same place, so a bad setting exits the same way; and the pool is modq's
     threads pool whatever the command line asks (a forked prefork child would inherit the
     runtime without its batcher thread and hang every task until the time limit acked it)."""
@@ -179,7 +179,7 @@ def test_a_forking_pool_is_refused() -> None:
     from celery.concurrency import get_implementation
 
     from worker.errors import ConfigError
-    from worker.tasks import _check_pool
+    from worker.queue.tasks import _check_pool
 
     for pool in ("threads", "solo", get_implementation("threads")):
         _check_pool(pool)

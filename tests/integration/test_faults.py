@@ -36,7 +36,7 @@ from tests.support.receivers import SECRET, STREAM, Collector, HttpSide, drain, 
 from tests.support.redis_server import RedisServer
 from tests.support.reliability import scaled
 from tests.support.s3_server import S3Server
-from worker.pending import message_task_id
+from worker.queue.sweep import message_task_id
 
 pytestmark = [pytest.mark.integration, pytest.mark.reliability]
 

@@ -19,10 +19,10 @@ from kombu import Connection
 from tests.integration.conftest import WorkerFactory
 from tests.support.images import distinct_images
 from tests.support.receivers import SECRET, STREAM, Collector, drain, drain_with_headers, https_side
-from worker.celery_app import create_app
-from worker.client import Client
 from worker.config import Settings
 from worker.messages import ModerationResult, Status
+from worker.queue.app import create_app
+from worker.queue.client import Client
 
 pytestmark = pytest.mark.integration
 

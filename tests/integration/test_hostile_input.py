@@ -37,11 +37,11 @@ from tests.support.reliability import scaled
 from tests.support.s3_server import S3Server
 from tests.support.tls import TlsFiles, make_tls
 from tests.support.worker_process import WorkerProcess
-from worker.celery_app import MODERATE_TASK, create_app
-from worker.client import Client
 from worker.config import Settings
 from worker.errors import ForbiddenReference, StorageUnavailable
 from worker.messages import MAX_METADATA_BYTES, Status
+from worker.queue.app import MODERATE_TASK, create_app
+from worker.queue.client import Client
 from worker.storage import HttpStore, NetworkGuard, build_store
 
 pytestmark = [pytest.mark.integration, pytest.mark.reliability]

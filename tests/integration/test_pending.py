@@ -21,9 +21,9 @@ import redis
 from tests.integration.conftest import WorkerFactory
 from tests.integration.faults import wait_until
 from tests.support.redis_server import RedisServer
-from worker.client import Client
 from worker.config import Settings
-from worker.pending import PendingRequests, Sweeper, message_task_id, resend_options
+from worker.queue.client import Client
+from worker.queue.sweep import PendingRequests, Sweeper, message_task_id, resend_options
 
 pytestmark = pytest.mark.integration
 

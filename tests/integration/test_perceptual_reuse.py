@@ -37,9 +37,10 @@ from tests.support.near_duplicates import (
 )
 from tests.support.redis_server import RedisServer
 from worker.cache import CachedEntry, MemoryCache, RedisCache, SQLiteCache, VerdictCache
-from worker.cache.mih import hamming, parse_hash
 from worker.config import Settings
 from worker.hashing import ImageHashes
+from worker.hashing.mih import hamming
+from worker.hashing.phash_index import parse_hash
 from worker.messages import CacheOutcome, ModerationResult, Status, Verdict
 from worker.models.backend import Backend
 from worker.models.factory import create_backend

@@ -46,12 +46,12 @@ class Recording(dict):
 
 real = os.environ
 os.environ = Recording(real)
-import worker.client, worker.messages
+import worker.queue.client, worker.messages
 from celery import _state
 imported = {"env_read": [k for k in Recording.read if k.startswith("MODQ_")],
             "apps": len(list(_state._apps))}
 os.environ = real
-from worker.client import submit
+from worker.queue.client import submit
 request_id = submit("file:///uploads/cat.jpg", metadata={"from": "probe"})
 print(json.dumps({**imported, "request_id": request_id}))
 """

@@ -35,9 +35,9 @@ from tests.support.receivers import (
     https_side,
 )
 from tests.support.s3_server import S3Server
-from worker.client import Client
 from worker.config import Settings
 from worker.messages import CacheOutcome, ModerationResult, Status, Verdict
+from worker.queue.client import Client
 
 pytestmark = pytest.mark.integration
 

@@ -34,9 +34,9 @@ from tests.unit.test_cache_contract import (
     sha,
 )
 from worker.cache import CachedEntry, RedisCache, RedisResultStore, ResultStore, VerdictCache
-from worker.cache.mih import parse_hash
-from worker.cache.redis import redis_client
 from worker.errors import CacheUnavailable
+from worker.hashing.phash_index import parse_hash
+from worker.redisclient import redis_client
 
 SHA = "5" * 64
 ENTRY = CachedEntry({"sfw": 0.05, "nsfw": 0.95}, 1, "c3a5f00f1e2d3c4b", "0f1e2d3c4b5a6978", True)

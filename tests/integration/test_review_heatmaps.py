@@ -13,9 +13,9 @@ from tests.integration.conftest import WorkerFactory
 from tests.support.images import distinct_images
 from tests.support.receivers import STREAM, Collector
 from tests.support.s3_server import S3Server
-from worker.client import Client
 from worker.config import Settings
 from worker.messages import Verdict
+from worker.queue.client import Client
 from worker.storage import parse_s3_ref
 
 

@@ -11,9 +11,9 @@ from tests.integration.conftest import WorkerFactory
 from tests.support.images import textured
 from tests.support.receivers import STREAM, Collector
 from worker.banks import RedisBankStore, pdq_hash
-from worker.client import Client
 from worker.config import Settings
 from worker.messages import Status, Verdict
+from worker.queue.client import Client
 
 
 def test_the_worker_blocks_banked_uploads_and_follows_a_disable(

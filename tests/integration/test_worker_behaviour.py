@@ -22,9 +22,9 @@ from tests.integration.conftest import WorkerFactory
 from tests.support.receivers import STREAM, Collector, HttpSide, drain, https_side
 from tests.support.redis_server import free_port
 from tests.support.s3_server import S3Server
-from worker.client import Client
 from worker.config import Settings
 from worker.messages import CacheOutcome, Status
+from worker.queue.client import Client
 
 pytestmark = pytest.mark.integration
 
@@ -160,7 +160,7 @@ def test_flower_sees_the_worker_and_its_tasks(start_worker: WorkerFactory, tmp_p
     env = {**worker.env, "FLOWER_UNAUTHENTICATED_API": "true"}
     celery = Path(sys.executable).with_name("celery")
     flower = subprocess.Popen(
-        [str(celery), "-A", "worker.celery_app", "flower", f"--port={port}",
+        [str(celery), "-A", "worker.queue.app", "flower", f"--port={port}",
          "--address=127.0.0.1"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip

@@ -12,8 +12,8 @@ from celery import Celery
 from tests.integration.conftest import WorkerFactory
 from tests.support.images import noise_jpeg
 from tests.support.receivers import STREAM, Collector
-from worker.client import Client
 from worker.config import Settings
+from worker.queue.client import Client
 
 CALLBACK = f"redis-stream://{STREAM}"
 

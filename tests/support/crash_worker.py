@@ -69,7 +69,7 @@ def _quarantine_delete(marker: Path) -> None:
 
 
 def _publish_ack(marker: Path) -> None:
-    from worker.service import ModerationService
+    from worker.queue.service import ModerationService
 
     ModerationService._publish = _after(ModerationService._publish, marker)  # type: ignore[method-assign]
 

@@ -72,10 +72,10 @@ def _faulty(function: Callable[..., Any], stage: str, times: int, kill: bool) ->
 
 
 def _targets() -> dict[str, tuple[Any, str]]:
-    from worker import tasks
     from worker.actions import Actions
     from worker.pipeline import Pipeline
-    from worker.service import ModerationService
+    from worker.queue import tasks
+    from worker.queue.service import ModerationService
 
     return {
         "validate": (tasks, "ModerationRequest"),

@@ -1,7 +1,7 @@
 """A decoder process that misbehaves on purpose, for the decode pool's tests:
 ``python -m tests.support.lying_decoder LIE MEMORY_MB``.
 
-It announces itself as the real decoder does (``worker.decodechild``), reads each job in
+It announces itself as the real decoder does (``worker.decode.child``), reads each job in
 full, then answers it with the lie named by ``LIE``, as a subverted decoder could.
 """
 
@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 
-from worker.decodewire import ERROR, FRAMES, HEADER, JOB, READY, pack
+from worker.decode.wire import ERROR, FRAMES, HEADER, JOB, READY, pack
 
 __all__ = ["LIES", "main"]
 

@@ -30,11 +30,12 @@ from worker.banks import (
     pdq_hash,
     read_hash_list,
 )
-from worker.banks.mih import CHUNK_BITS, MAX_PROBES, MultiIndex, probe_count
-from worker.banks.pdq import HASH_BITS, hamming
-from worker.cli_bank import register
+from worker.cli.bank import register
 from worker.config import Settings
 from worker.errors import ConfigError, InvalidHashList, UnknownBank
+from worker.hashing.mih import hamming
+from worker.hashing.pdq import HASH_BITS
+from worker.hashing.pdq_index import CHUNK_BITS, MAX_PROBES, MultiIndex, probe_count
 
 H1 = "f" * 64
 H2 = "0123456789abcdef" * 4

@@ -25,7 +25,8 @@ from worker.cache import (
     VerdictCache,
     choose_near_match,
 )
-from worker.cache.mih import MAX_PROBES, ChunkLayout, hamming, parse_hash, probes
+from worker.hashing.mih import ChunkLayout, hamming
+from worker.hashing.phash_index import MAX_PROBES, parse_hash, probes
 
 RADIUS = 6
 LAYOUT = ChunkLayout.for_radius(RADIUS)

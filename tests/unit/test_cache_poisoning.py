@@ -23,10 +23,11 @@ from PIL import Image, ImageFilter
 from tests.conftest import Observe
 from tests.support.corpus import EXAMPLES
 from worker.cache import CachedEntry, MemoryCache
-from worker.cache.mih import hamming, parse_hash
 from worker.config import Settings
 from worker.decode import DecodeLimits, decode
 from worker.hashing import ImageHashes, hash_image
+from worker.hashing.mih import hamming
+from worker.hashing.phash_index import parse_hash
 from worker.messages import CacheOutcome, ModerationResult, Status, Verdict
 from worker.models.backend import Backend, Scores
 from worker.models.factory import create_backend

@@ -10,18 +10,18 @@ import pytest
 from kombu.exceptions import ContentDisallowed
 from kombu.serialization import dumps, loads
 
-from worker.celery_app import check_visibility_timeout, create_app
-from worker.client import Client
 from worker.config import Settings
 from worker.errors import ConfigError
-from worker.tasks import backoff_seconds
+from worker.queue.app import check_visibility_timeout, create_app
+from worker.queue.client import Client
+from worker.queue.tasks import backoff_seconds
 
 HEAVY = ("torch", "timm", "transformers", "boto3", "botocore", "onnxruntime")
 
 
 def test_importing_the_client_pulls_in_no_model_or_cloud_library() -> None:
     code = (
-        "import sys, json, worker.client, worker.messages\n"
+        "import sys, json, worker.queue.client, worker.messages\n"
         f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
     )
     out = subprocess.run(
@@ -84,8 +84,24 @@ def test_transport_options_come_from_the_environment_as_json(
 def test_malloc_arenas_are_capped_on_glibc() -> None:
     import platform
 
-    from worker.cli_queue import limit_malloc_arenas
+    from worker.cli.queue import limit_malloc_arenas
 
     assert limit_malloc_arenas(0) is False
     if platform.libc_ver()[0] == "glibc":
         assert limit_malloc_arenas(2) is True
+
+
+def test_the_former_import_paths_still_work() -> None:
+    """``worker.client`` and ``celery -A worker.celery_app`` are where 0.1.0 put the producer
+    API and the app; both still lead to the queue package's."""
+    code = (
+        "import worker.client, worker.queue.client\n"
+        "assert worker.client.submit is worker.queue.client.submit\n"
+        "assert worker.client.Client is worker.queue.client.Client\n"
+        "from worker.celery_app import app\n"
+        "import worker.queue.app\n"
+        "assert app is worker.queue.app.app\n"
+        "app.loader.import_default_modules()\n"
+        "assert 'modq.moderate' in app.tasks\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -1,4 +1,5 @@
-"""The structure walk (worker.structure), the aspect-ratio and frame-walk caps, and the budget.
+"""The structure walk (worker.decode.structure), the aspect-ratio and frame-walk caps, and
+the budget.
 
 Every hostile class (tests/support/hostile_images.py: valid headers, hostile counts and
 sizes, a few MB each) is refused within 5 s of CPU and 1 GiB above the baseline, measured in
@@ -39,6 +40,7 @@ from tests.support.hostile_images import (
     webp_frames,
 )
 from worker.decode import DecodeLimits, decode
+from worker.decode.structure import check_structure
 from worker.errors import (
     CorruptImage,
     ExtremeAspectRatio,
@@ -48,7 +50,6 @@ from worker.errors import (
     TooManyPixels,
 )
 from worker.models.preprocess import preprocess
-from worker.structure import check_structure
 
 LIMITS = DecodeLimits()
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "images"

@@ -1,4 +1,4 @@
-"""The decode backstop (worker.decodepool): decoder processes with CPU-time and memory limits.
+"""The decode backstop (worker.decode.pool): decoder processes with CPU-time and memory limits.
 
 Real images that a structural walk lets through (they are well-formed and within the pixel
 cap) but that need more than the limits set here; decoders killed from outside; decoders
@@ -25,8 +25,8 @@ from tests.support.corpus import EXAMPLES, build_corpus, hostile_samples
 from tests.support.lying_decoder import LIES
 from worker.config import Settings
 from worker.decode import DecodedImage, DecodeLimits, decode
-from worker.decodepool import Backstop, DecodePool, InProcessDecoder, build_decoder
-from worker.decodeproc import cpu_seconds
+from worker.decode.pool import Backstop, DecodePool, InProcessDecoder, build_decoder
+from worker.decode.proc import cpu_seconds
 from worker.errors import (
     ConfigError,
     CorruptImage,

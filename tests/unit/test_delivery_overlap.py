@@ -26,7 +26,7 @@ from worker.models.factory import create_backend
 from worker.pipeline import Pipeline, PipelineOptions
 from worker.policy import Policy
 from worker.quarantine import LocalQuarantine
-from worker.service import DeliveryRules, LeaseBusy, ModerationService
+from worker.queue.service import DeliveryRules, LeaseBusy, ModerationService
 from worker.storage import LocalStore, MemoryStore, file_ref
 
 BLOCK_ALL = Policy("block-all", 0.0, 0.0)

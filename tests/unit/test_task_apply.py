@@ -10,21 +10,21 @@ from typing import Any
 import pytest
 from celery import Celery
 
+import worker.queue.tasks  # registers modq.moderate with every app, as the worker imports it
 import worker.runtime
-import worker.tasks  # registers modq.moderate with every app, as the worker imports it
 from worker.actions import Actions
 from worker.cache import MemoryResultStore
 from worker.callbacks import MemoryPublisher
-from worker.celery_app import create_app
 from worker.config import Settings
-from worker.decodepool import InProcessDecoder
+from worker.decode.pool import InProcessDecoder
 from worker.errors import StorageUnavailable
 from worker.messages import DEAD_LETTER_TASK, MODERATE_TASK, Status, Verdict
 from worker.models.fake import FakeBackend, image_with_score
 from worker.pipeline import Pipeline, PipelineOptions
 from worker.policy import Policy
+from worker.queue.app import create_app
+from worker.queue.service import ModerationService
 from worker.runtime import Runtime
-from worker.service import ModerationService
 from worker.storage import MemoryStore
 
 HOOK = "https://hooks.example.com/modq"

@@ -20,9 +20,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from worker.banks.mih import MultiIndex, flips_for
-from worker.banks.pdq import PDQ_MAX_DISTANCE, format_pdq, parse_pdq
 from worker.errors import ConfigError, InvalidHashList, UnknownBank
+from worker.hashing.pdq import PDQ_MAX_DISTANCE, format_pdq, parse_pdq
+from worker.hashing.pdq_index import MultiIndex, flips_for
 
 __all__ = [
     "BankInfo",

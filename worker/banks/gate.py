@@ -29,9 +29,9 @@ import time
 from collections.abc import Callable
 
 from worker.banks.base import BankInfo, BankMatch, BankStore
-from worker.banks.pdq import PDQ_MAX_DISTANCE, PDQ_QUALITY_MIN, PdqHash
 from worker.config import BankSettings
 from worker.errors import BankUnavailable, ConfigError
+from worker.hashing.pdq import PDQ_MAX_DISTANCE, PDQ_QUALITY_MIN, PdqHash
 from worker.log import get_logger
 
 __all__ = ["BankGate"]

@@ -23,7 +23,6 @@ from typing import NamedTuple
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from worker.banks.pdq import PDQ_QUALITY_MIN, parse_pdq, pdq_hash
 from worker.errors import (
     CorruptImage,
     InvalidHashList,
@@ -31,6 +30,7 @@ from worker.errors import (
     ObjectNotFound,
     TooManyPixels,
 )
+from worker.hashing.pdq import PDQ_QUALITY_MIN, parse_pdq, pdq_hash
 
 __all__ = [
     "HashList",

@@ -6,7 +6,8 @@ Every key lives under one prefix; nothing else is read or written::
     {prefix}:v1:bank:{name}:hashes         set of the bank's hashes (raw 32 bytes): what is in
                                            the bank, so adds are idempotent and counts exact
     {prefix}:v1:bank:{name}:mih:{i}:{cccc} string: the raw 32-byte hashes whose 16-bit chunk i
-                                           is cccc (hex), concatenated (``worker.banks.mih``)
+                                           is cccc (hex), concatenated
+                                           (``worker.hashing.pdq_index``)
 
 The index entries are append-only strings of raw hashes rather than sets, for speed: a match
 reads 272 keys per bank with one MGET and gets back 272 byte strings, which numpy splits into
@@ -45,11 +46,11 @@ from worker.banks.base import (
     parse_hashes,
     unknown_bank,
 )
-from worker.banks.mih import CHUNKS, probes
-from worker.banks.pdq import HASH_BITS, PDQ_MAX_DISTANCE, parse_pdq
 from worker.config import BankSettings
 from worker.errors import BankUnavailable, ConfigError
-from worker.redisconn import redis_client
+from worker.hashing.pdq import HASH_BITS, PDQ_MAX_DISTANCE, parse_pdq
+from worker.hashing.pdq_index import CHUNKS, probes
+from worker.redisclient import redis_client
 
 __all__ = ["DEFAULT_TIMEOUT_S", "RedisBankStore", "bank_client"]
 

@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
-from worker.cache.mih import HASH_BITS, hamming, parse_hash
+from worker.hashing.mih import hamming
+from worker.hashing.phash_index import HASH_BITS, parse_hash
 
 __all__ = [
     "CachedEntry",

@@ -26,9 +26,9 @@ from typing import Protocol
 
 import redis
 
-from worker.cache.redis import DEFAULT_BREAKER_S, DEFAULT_TIMEOUT_S, CircuitBreaker, redis_client
 from worker.errors import CacheUnavailable
 from worker.log import get_logger
+from worker.redisclient import DEFAULT_BREAKER_S, DEFAULT_TIMEOUT_S, CircuitBreaker, redis_client
 
 __all__ = ["LeaseKeeper", "LeaseStore", "MemoryLeases", "RedisLeases"]
 

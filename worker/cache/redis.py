@@ -1,5 +1,5 @@
 """The shared verdict cache in Redis: an exact tier by sha256, a perceptual tier by
-multi-index hashing (``worker.cache.mih``).
+multi-index hashing (``worker.hashing.phash_index``).
 
 Every key lives under one prefix; nothing else is read, written or scanned::
 
@@ -22,7 +22,6 @@ network, for a couple of seconds before it lets one call probe again.
 from __future__ import annotations
 
 import re
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
@@ -30,84 +29,22 @@ from typing import TypeVar
 import redis
 
 from worker.cache.base import CachedEntry, NearMatch, check_radius, indexable_phash, rank_near
-from worker.cache.mih import DEFAULT_RADIUS, layout_for, parse_hash, probes
 from worker.config import CacheSettings
 from worker.errors import CacheUnavailable, ConfigError
+from worker.hashing.phash_index import DEFAULT_RADIUS, layout_for, parse_hash, probes
 from worker.log import get_logger
-from worker.redisconn import redis_client as shared_client
+from worker.redisclient import DEFAULT_BREAKER_S, DEFAULT_TIMEOUT_S, CircuitBreaker, redis_client
 
-__all__ = ["CircuitBreaker", "RedisCache", "redis_client"]
+__all__ = ["RedisCache"]
 
 log = get_logger(__name__)
 
 T = TypeVar("T")
 
-DEFAULT_TIMEOUT_S = 0.25
-DEFAULT_BREAKER_S = 2.0
 DEFAULT_MAX_CANDIDATES = 10_000
 _MGET_BATCH = 500
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _RESULT_SPACE = "result"  # worker.cache.results keys: {prefix}:v1:result:{request_id}
-
-
-def redis_client(url: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> redis.Redis:
-    """A client for the cache and the results (``worker.redisconn``), returning text."""
-    return shared_client(url, timeout_s)
-
-
-class CircuitBreaker:
-    """Turns Redis failures into ``CacheUnavailable`` and, for ``cooldown_s`` after one,
-    fails every call at once. Then a single call probes while the others keep failing fast;
-    its success closes the breaker."""
-
-    def __init__(
-        self,
-        name: str,
-        cooldown_s: float = DEFAULT_BREAKER_S,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.name = name
-        self.cooldown_s = cooldown_s
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._open_until: float | None = None  # None: closed
-
-    @property
-    def is_open(self) -> bool:
-        with self._lock:
-            return self._open_until is not None and self._clock() < self._open_until
-
-    def call(self, what: str, action: Callable[[], T]) -> T:
-        self._admit(what)
-        try:
-            result = action()
-        except (redis.RedisError, OSError) as exc:
-            self._trip()
-            raise CacheUnavailable(f"{self.name} {what} failed: {exc}") from exc
-        if self._open_until is not None:
-            self._close()
-        return result
-
-    def _admit(self, what: str) -> None:
-        with self._lock:
-            if self._open_until is None:
-                return
-            now = self._clock()
-            if now < self._open_until:
-                wait_s = self._open_until - now
-                raise CacheUnavailable(
-                    f"{self.name} unavailable after a recent failure; {what} skipped "
-                    f"(next try in {wait_s:.1f}s)"
-                )
-            self._open_until = now + self.cooldown_s  # this call probes, the rest fail fast
-
-    def _trip(self) -> None:
-        with self._lock:
-            self._open_until = self._clock() + self.cooldown_s
-
-    def _close(self) -> None:
-        with self._lock:
-            self._open_until = None
 
 
 def _text(value: object) -> str:

@@ -17,14 +17,14 @@ from typing import Protocol
 
 import redis
 
-from worker.cache.redis import (
+from worker.config import CacheSettings
+from worker.errors import ConfigError
+from worker.redisclient import (
     DEFAULT_BREAKER_S,
     DEFAULT_TIMEOUT_S,
     CircuitBreaker,
     redis_client,
 )
-from worker.config import CacheSettings
-from worker.errors import ConfigError
 
 __all__ = ["MemoryResultStore", "RedisResultStore", "ResultStore"]
 

@@ -15,8 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from worker.cache.base import CachedEntry, NearMatch, check_radius, indexable_phash, rank_near
-from worker.cache.mih import DEFAULT_RADIUS, layout_for, parse_hash, probes
 from worker.errors import CacheUnavailable
+from worker.hashing.phash_index import DEFAULT_RADIUS, layout_for, parse_hash, probes
 
 __all__ = ["SQLiteCache"]
 

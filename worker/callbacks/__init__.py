@@ -73,16 +73,10 @@ log = get_logger(__name__)
 
 def redis_stream_client(url: str) -> StreamClient:
     """A ``redis.Redis`` for ``url``; it connects on first command, not here."""
-    import redis
+    from worker.redisclient import redis_client
 
     try:
-        client: StreamClient = redis.Redis.from_url(
-            url,
-            decode_responses=True,
-            socket_timeout=REDIS_TIMEOUT_S,
-            socket_connect_timeout=REDIS_TIMEOUT_S,
-            health_check_interval=30,
-        )
+        client: StreamClient = redis_client(url, REDIS_TIMEOUT_S, health_check_s=30)
     except ValueError as exc:
         # The URL may hold a password: name the setting, not the value.
         raise InvalidCallback(f"MODQ_CALLBACK_REDIS_URL is not a valid Redis URL: {exc}") from exc

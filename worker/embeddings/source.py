@@ -43,9 +43,10 @@ def _options(query: str, allowed: set[str], uri: str) -> dict[str, str]:
 
 
 def _redis(endpoints: EndpointSettings) -> Any:
-    import redis
+    from worker.redisclient import redis_client
 
-    return redis.Redis.from_url(endpoints.redis_url)
+    # Records are read and written as bytes (the vector is packed), in large pipelines.
+    return redis_client(endpoints.redis_url, 10.0, decode_responses=False)
 
 
 _LOCAL = EndpointSettings()  # no S3 endpoint of its own; Redis on this machine
