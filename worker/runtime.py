@@ -270,8 +270,9 @@ class _QueueParts:
             "MODQ_DEFAULT_CALLBACK / MODQ_CALLBACK_REDIS_URL", settings.default_callback
         ):
             publisher = build_publisher(settings.callbacks, settings.http, self.send_task)
+        delivery = settings.delivery
         rules = DeliveryRules(
-            max_deliveries=settings.max_deliveries, lease_wait_s=settings.task_time_limit_s
+            max_deliveries=delivery.max_deliveries, lease_wait_s=delivery.task_time_limit_s
         )
         return ModerationService(
             pipeline,

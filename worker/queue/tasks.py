@@ -22,7 +22,7 @@ from celery.signals import (
 from pydantic import ValidationError
 
 from worker import metrics
-from worker.config import Settings
+from worker.config import MetricsSettings, Settings
 from worker.errors import (
     ConfigError,
     InternalError,
@@ -292,8 +292,8 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
         check_visibility_timeout(settings)
         _check_pool(getattr(sender, "pool_cls", None))
         runtime = get_runtime(settings, app.send_task)
-        if settings.metrics_port:
-            _serve_metrics(settings, runtime)
+        if settings.metrics.port:
+            _serve_metrics(settings.metrics, runtime)
         runtime.start_sweeper(app.send_task)
     except Exception as exc:
         # Celery logs and swallows exceptions from signal handlers, then consumes anyway:
@@ -301,16 +301,16 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
         exit_unready(exc)
 
 
-def _serve_metrics(settings: Settings, runtime: Runtime) -> None:
+def _serve_metrics(where: MetricsSettings, runtime: Runtime) -> None:
     from prometheus_client import start_http_server
 
     metrics.BUILD_INFO.info(_build_info(runtime))
     try:
-        start_http_server(settings.metrics_port, addr=settings.metrics_addr)
+        start_http_server(where.port, addr=where.addr)
     except OSError as exc:  # the port is taken, or the address is not this machine's
         raise ConfigError(
-            f"MODQ_METRICS_ADDR={settings.metrics_addr} MODQ_METRICS_PORT="
-            f"{settings.metrics_port}: cannot serve metrics there: {exc.strerror or exc}"
+            f"MODQ_METRICS_ADDR={where.addr} MODQ_METRICS_PORT="
+            f"{where.port}: cannot serve metrics there: {exc.strerror or exc}"
         ) from exc
 
 
