@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.cli import MODQ, modq_env, run_modq
-from worker import cli
+from worker.cli import root as cli
 from worker.cli.support import EXIT_CRASH, EXIT_PIPE_CLOSED, EXIT_POLICY, EXIT_USAGE
 from worker.errors import ConfigError
 from worker.messages import ModerationResult
