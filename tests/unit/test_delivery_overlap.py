@@ -1,7 +1,7 @@
 """Overlapping deliveries of one request and requests that kill their worker, with the real
-open_nsfw pipeline and the in-package fakes: the lease lets one delivery work and the others
-re-publish its result; a delivery count left standing by dead processes ends in
-``too_many_deliveries`` before any work."""
+pipeline on the fake model and the in-package fakes (no ONNX Runtime): the lease lets one
+delivery work and the others re-publish its result; a delivery count left standing by dead
+processes ends in ``too_many_deliveries`` before any work."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from worker.callbacks import MemoryPublisher
 from worker.errors import CacheUnavailable, InvalidRequest, ObjectNotFound, StorageUnavailable
 from worker.messages import ModerationRequest, Status, Verdict
 from worker.models.backend import Backend
-from worker.models.factory import create_backend
+from worker.models.fake import FakeBackend
 from worker.pipeline import Pipeline, PipelineOptions
 from worker.policy import Policy
 from worker.quarantine import LocalQuarantine
@@ -63,7 +63,7 @@ class SlowStore(MemoryStore):
 
 @pytest.fixture(scope="module")
 def backend() -> Backend:
-    return create_backend("opennsfw")
+    return FakeBackend()
 
 
 @contextmanager

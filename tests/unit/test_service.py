@@ -1,5 +1,6 @@
-"""Delivery rules of one request, with the real open_nsfw pipeline and the in-package fakes:
-one result per request, re-deliveries re-publish it, retry vs. dead letter by error kind."""
+"""Delivery rules of one request, with the real pipeline on the fake model and the in-package
+fakes (no ONNX Runtime): one result per request, re-deliveries re-publish it, retry vs. dead
+letter by error kind."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from worker.callbacks import MemoryPublisher
 from worker.errors import CacheUnavailable, CallbackFailed, InvalidCallback, StorageUnavailable
 from worker.messages import ModerationRequest, Status, Verdict
 from worker.models.backend import Backend
-from worker.models.factory import create_backend
+from worker.models.fake import FakeBackend
 from worker.pipeline import Pipeline, PipelineOptions
 from worker.policy import Policy
 from worker.quarantine import LocalQuarantine
@@ -45,7 +46,7 @@ class CountingStore(MemoryStore):
 
 @pytest.fixture(scope="module")
 def backend() -> Backend:
-    return create_backend("opennsfw")
+    return FakeBackend()
 
 
 @pytest.fixture
