@@ -7,7 +7,9 @@ stream) and one `modq worker` process (threads pool, dynamic batcher):
 - queue:  N distinct images sent at once through the producer API (`Client.send_many`,
           file:// references, callback redis-stream://bench-results), timed from the first
           send to the last result read from the stream (XREAD). The worker's verdict cache is
-          a fresh Redis database, and every result must say `cache.outcome = miss`;
+          a fresh Redis database, and every result must say `cache.outcome = miss`. Before
+          it the worker answers two distinct images per task thread, so that every thread
+          has run before the clock starts;
 - floor:  `bench.scan.floor`, the same per-image work (read, sha256, draft decode,
           perceptual hashes, preprocess, forward every `--batch` images) in one thread of
           this process, with the same model, precision, batch size and thread count (the
@@ -93,6 +95,8 @@ LATENCY_REQUESTS = 30
 LATENCY_ALLOWANCE_MS = 30.0
 NAIVE_WARMUP = 4
 #: the worker's CPU per image over the floor's (issue 14)
+#: warm-up images sent to the worker before the timed phase, per task thread
+WARMUP_ROUNDS = 2
 CPU_RATIO_TARGET = 1.15
 
 
@@ -438,6 +442,11 @@ def low_load_breakdown(timed: list[tuple[float, ModerationResult]]) -> dict[str,
 # --- main -------------------------------------------------------------------------------------
 
 
+def task_threads(args: argparse.Namespace) -> int:
+    """The worker's task threads: MODQ_CONCURRENCY unset, twice the batch size."""
+    return 2 * args.batch
+
+
 def naive_design(model: str) -> str:
     if model == "opennsfw":
         return "modq Backend.predict([image]) (ONNX at batch 1; opennsfw has no pipeline)"
@@ -447,15 +456,20 @@ def naive_design(model: str) -> str:
 def run(args: argparse.Namespace, threads: int, out: Figures) -> None:
     """Every phase, in order; starts and stops every process it needs."""
     spec = lookalike(args.model)
-    paths = make_images(args.images + args.batch + LATENCY_REQUESTS, OUT / "scan-images")
+    # The worker's warm-up: twice as many distinct images as it has task threads, so that
+    # every thread (and the allocator arena it draws from) has run images before the clock
+    # starts. After a warm-up of one batch, the first timed pass paid for first use in half
+    # the threads: about 5 ms of CPU per image more than after this warm-up (issue 14).
+    warm = WARMUP_ROUNDS * task_threads(args)
+    paths = make_images(args.images + warm + LATENCY_REQUESTS, OUT / "scan-images")
     measured = paths[: args.images]
-    warmup = paths[args.images : args.images + args.batch]
-    low_load = paths[args.images + args.batch :]
+    warmup = paths[args.images : args.images + warm]
+    low_load = paths[args.images + warm :]
     limits = DecodeLimits()
 
     # 1. The in-process references, before any worker runs (nothing else on the cores).
     backend = load_model(spec, device="cpu", precision=args.precision, threads=threads)
-    floor(backend, warmup, args.batch, limits)
+    floor(backend, warmup[: args.batch], args.batch, limits)
     # The floor's CPU time swings by a tenth from run to run on a shared machine (its two
     # inference threads wake and sleep with the load): the median of a few runs.
     for _ in range(args.floor_runs):
@@ -670,7 +684,8 @@ def main() -> None:
         f"max_wait {args.max_wait_ms:g} ms; {threads} inference threads everywhere"
     )
     print(
-        f"# queue: `modq worker` (threads pool, {2 * args.batch} task threads); naive: "
+        f"# queue: `modq worker` (threads pool, {task_threads(args)} task threads, warmed up "
+        f"with {WARMUP_ROUNDS * task_threads(args)} images); naive: "
         f"`celery -A bench.naive_worker worker {NAIVE_POOL}`, one task per image, "
         f"{naive_design(args.model)}\n",
         flush=True,
