@@ -215,7 +215,6 @@ def _extras(
         with _building("MODQ_EMBEDDING_SINK", settings.embedding_sink):
             sink = open_sink(settings.embedding_sink, settings.endpoints)
     if settings.review_heatmaps_uri:
-        from worker.decode import DecodeLimits
         from worker.explain.attach import ReviewHeatmaps
         from worker.models.factory import create_backend
 
@@ -227,7 +226,7 @@ def _extras(
                 settings.review_heatmaps_uri,
                 backend,
                 fp32,
-                DecodeLimits.from_settings(settings.decode),
+                settings.decode.limits,
                 settings.s3_endpoint_url,
             )
     return banks, Actions(heatmaps=heatmaps, sink=sink)

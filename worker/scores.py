@@ -48,7 +48,7 @@ class PipelineOptions:
         cls, decode: DecodeSettings, batching: BatchingSettings, embed: bool = False
     ) -> PipelineOptions:
         return cls(
-            limits=DecodeLimits.from_settings(decode),
+            limits=decode.limits,
             exact_decode=decode.exact,
             embed=embed,
             max_batch_size=batching.max_batch_size,

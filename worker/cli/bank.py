@@ -50,9 +50,9 @@ def _reported() -> Iterator[None]:
 
 def _image_loader(settings: Settings) -> Callable[[Path], Image.Image]:
     """Decodes as the pipeline does (same limits, EXIF orientation, RGB), first frame only."""
-    from worker.decode import DecodeLimits, decode
+    from worker.decode import decode
 
-    limits = DecodeLimits.from_settings(settings.decode, sample_frames=1)
+    limits = settings.decode.limits.first_frame()
 
     def load(path: Path) -> Image.Image:
         try:

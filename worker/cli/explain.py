@@ -65,9 +65,9 @@ def _settings(**overrides: object) -> Settings:
 def read_image(path: Path, settings: Settings) -> Image.Image:
     """``path`` through modq's guarded decoder (the same limits as the pipeline; the first
     frame of an animation). Never draft-decoded: the overlay keeps the image's own size."""
-    from worker.decode import DecodeLimits, decode
+    from worker.decode import decode
 
-    limits = DecodeLimits.from_settings(settings.decode, sample_frames=1)
+    limits = settings.decode.limits.first_frame()
     if not path.is_file():
         raise ObjectNotFound(f"{path}: no such file")
     try:

@@ -172,11 +172,10 @@ def finetune(
 
 
 def _read_options(settings: Settings, max_unreadable: int) -> ReadOptions:
-    from worker.decode import DecodeLimits
     from worker.finetune import ReadOptions
 
     # Only the first frame of an animation is trained on: decode no other.
-    limits = DecodeLimits.from_settings(settings.decode, sample_frames=1)
+    limits = settings.decode.limits.first_frame()
     return ReadOptions(limits, settings.exact_decode, max_unreadable=max_unreadable)
 
 

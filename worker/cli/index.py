@@ -121,7 +121,6 @@ def cluster(
     per_sheet: Annotated[int, typer.Option(min=1, help="thumbnails per contact sheet")] = 36,
 ) -> None:
     """Group indexed images and write a contact sheet PNG per cluster, plus clusters.json."""
-    from worker.decode import DecodeLimits
     from worker.similarity import VectorIndex, cluster_index, reader_for, write_sheet
 
     settings = _settings()
@@ -132,7 +131,7 @@ def cluster(
         raise fail(exc) from exc
     members = [item for c in clusters for item in c.items[:per_sheet]]
     store = reader_for((item.where for item in members), settings.storage)
-    limits = DecodeLimits.from_settings(settings.decode, sample_frames=1)
+    limits = settings.decode.limits.first_frame()
     table = Table(title=f"{len(clusters)} clusters of {sum(len(c.items) for c in clusters)}")
     for column in ("cluster", "images", "mean score", "sheet"):
         table.add_column(column)

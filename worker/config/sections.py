@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from pydantic import SecretStr
@@ -13,6 +13,7 @@ __all__ = [
     "BatchingSettings",
     "CacheSettings",
     "CallbackSettings",
+    "DecodeLimits",
     "DecodeSettings",
     "DeliverySettings",
     "EndpointSettings",
@@ -27,17 +28,32 @@ QuarantineAction = Literal["move", "copy", "tag"]
 
 
 @dataclass(frozen=True)
-class DecodeSettings:
-    """Decode limits and the decode backstop (``worker.decode``, ``worker.decode.pool``)."""
-
+class DecodeLimits:
     max_bytes: int = 40 * 1024 * 1024
+    #: pixels in one frame, and in all the sampled frames of one image together
     max_pixels: int = 50_000_000
     max_frames: int = 1_000
     sample_frames: int = 8
+    #: long side over short side
     max_aspect_ratio: float = 100.0
+    #: progressive JPEG scans (common encoders write about 10)
     max_scans: int = 100
+    #: items a decoder walks one at a time: JPEG marker segments, PNG and WebP chunks, GIF
+    #: blocks, TIFF IFD entries and numeric values, BMP run-length commands
     max_segments: int = 100_000
+    #: canvas pixels composed while stepping through an animation's frames to the last
     max_animation_pixels: int = 500_000_000
+
+    def first_frame(self) -> DecodeLimits:
+        """The same limits for a command that looks at an animation's first frame only."""
+        return replace(self, sample_frames=1)
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """Decode limits and the decode backstop (``worker.decode``, ``worker.decode.pool``)."""
+
+    limits: DecodeLimits = field(default_factory=DecodeLimits)
     exact: bool = False
     processes: int | None = None
     cpu_s: float = 4.0

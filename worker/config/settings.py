@@ -21,6 +21,7 @@ from worker.config.sections import (
     BatchingSettings,
     CacheSettings,
     CallbackSettings,
+    DecodeLimits,
     DecodeSettings,
     DeliverySettings,
     EndpointSettings,
@@ -252,7 +253,7 @@ class Settings(ProducerSettings):
     # -- the pieces each adapter takes ----------------------------------------------------
     @property
     def decode(self) -> DecodeSettings:
-        return DecodeSettings(
+        limits = DecodeLimits(
             max_bytes=self.max_image_bytes,
             max_pixels=self.max_image_pixels,
             max_frames=self.max_frames,
@@ -261,6 +262,9 @@ class Settings(ProducerSettings):
             max_scans=self.max_jpeg_scans,
             max_segments=self.max_segments,
             max_animation_pixels=self.max_animation_pixels,
+        )
+        return DecodeSettings(
+            limits=limits,
             exact=self.exact_decode,
             processes=self.decode_processes,
             cpu_s=self.decode_cpu_s,

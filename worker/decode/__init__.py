@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from worker.config import DecodeSettings
+from worker.config import DecodeLimits
 from worker.decode.structure import Structure, check_structure
 from worker.errors import (
     CorruptImage,
@@ -45,41 +45,6 @@ ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 # Truncated files are refused, never silently padded with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 Image.init()  # register every plugin now, so the allowlist can name them all
-
-
-@dataclass(frozen=True)
-class DecodeLimits:
-    max_bytes: int = 40 * 1024 * 1024
-    #: pixels in one frame, and in all the sampled frames of one image together
-    max_pixels: int = 50_000_000
-    max_frames: int = 1_000
-    sample_frames: int = 8
-    #: long side over short side
-    max_aspect_ratio: float = 100.0
-    #: progressive JPEG scans (common encoders write about 10)
-    max_scans: int = 100
-    #: items a decoder walks one at a time: JPEG marker segments, PNG and WebP chunks, GIF
-    #: blocks, TIFF IFD entries and numeric values, BMP run-length commands
-    max_segments: int = 100_000
-    #: canvas pixels composed while stepping through an animation's frames to the last
-    max_animation_pixels: int = 500_000_000
-
-    @classmethod
-    def from_settings(
-        cls, decode: DecodeSettings, *, sample_frames: int | None = None
-    ) -> DecodeLimits:
-        """The limits ``MODQ_MAX_*`` set: built here and nowhere else. ``sample_frames=1``
-        for a command that looks at an animation's first frame only."""
-        return cls(
-            decode.max_bytes,
-            decode.max_pixels,
-            decode.max_frames,
-            decode.sample_frames if sample_frames is None else sample_frames,
-            max_aspect_ratio=decode.max_aspect_ratio,
-            max_scans=decode.max_scans,
-            max_segments=decode.max_segments,
-            max_animation_pixels=decode.max_animation_pixels,
-        )
 
 
 @dataclass(frozen=True)
