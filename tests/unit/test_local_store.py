@@ -18,6 +18,7 @@ import pytest
 from tests.conftest import Observe
 from worker.errors import (
     ForbiddenReference,
+    ImageTooLarge,
     InvalidReference,
     ModqError,
     ObjectNotFound,
@@ -346,3 +347,30 @@ def _sha(data: bytes) -> str:
     import hashlib
 
     return hashlib.sha256(data).hexdigest()
+
+
+def test_reads_are_capped_exactly_and_see_a_file_that_grew(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = LocalStore([root])
+    exact, over = root / "exact.bin", root / "over.bin"
+    exact.write_bytes(b"x" * 1000)
+    over.write_bytes(b"x" * 1001)
+    assert store.read(file_ref(exact), 1000) == b"x" * 1000
+    with pytest.raises(ImageTooLarge):
+        store.read(file_ref(over), 1000)
+    # The size seen before reading is only a hint: a file that grew past it is read whole,
+    # up to the cap, and one that grew past the cap is refused.
+    import worker.storage.local as local
+
+    real_fstat = os.fstat
+
+    class Shrunk:
+        def __init__(self, st: os.stat_result) -> None:
+            self.st_size = 10
+            self.st_mode, self.st_dev, self.st_ino = st.st_mode, st.st_dev, st.st_ino
+
+    monkeypatch.setattr(local.os, "fstat", lambda fd: Shrunk(real_fstat(fd)))
+    assert store.read(file_ref(exact), 1000) == b"x" * 1000
+    with pytest.raises(ImageTooLarge):
+        store.read(file_ref(over), 1000)

@@ -113,7 +113,7 @@ def worker(
             f"--prefetch-multiplier={settings.prefetch_multiplier}",
             f"--loglevel={settings.log_level}",
             f"--hostname={hostname}",
-            "--task-events",
+            *(["--task-events"] if settings.task_events else []),
             "--without-gossip",
             "--without-mingle",
         ]

@@ -166,6 +166,11 @@ class Settings(ProducerSettings):
         "unless its holder renews it; a dead holder's lease frees after it",
     )
     retry_backoff_max_s: int = Field(120, ge=1)
+    task_events: bool = Field(
+        False,
+        description="send Celery task events from the worker's start; off, a monitor that "
+        "wants them (Flower does by default) turns them on when it connects",
+    )
     metrics_port: int = Field(9808, ge=0, le=65535, description="Prometheus port; 0 = off")
     metrics_addr: str = Field(
         "127.0.0.1",

@@ -4,7 +4,9 @@ Structure walked before decoding bounds what an image can cost only as far as th
 foresees; the pool bounds the rest. Each decode runs in one of ``processes`` decoder
 processes (``worker.decode.child``), whose address space is capped at its start-up size plus
 ``memory_mb``, and whose CPU time for the job is watched: past ``cpu_s`` it is killed (the
-watchdog reads its CPU time every 20 ms; its own RLIMIT_CPU backs that up a second later),
+watchdog reads its CPU time every 20 ms once the job has run for half its CPU time in wall
+time, the least a one-thread decoder needs to spend it; its own RLIMIT_CPU backs that up a
+second later),
 and past ``wall_s`` of wall time too. Callers queue for a free decoder; one that dies or
 lies is replaced, and its caller gets one error::
 

@@ -110,6 +110,8 @@ class Watch:
     deadline: float
     #: the child's CPU time when the job began (None: wall time only, e.g. during start-up)
     cpu_start: float | None = None
+    #: when its CPU time began to count (monotonic)
+    cpu_started_at: float = 0.0
     #: why the watchdog killed the child: "cpu" or "wall"
     verdict: str | None = None
     done: bool = False
@@ -117,7 +119,9 @@ class Watch:
 
 class Watchdog:
     """One thread per pool: kills (SIGKILL) a decoder whose job used more than its CPU time,
-    read from /proc every ``TICK_S``, or outlived its wall-time deadline."""
+    read from /proc every ``TICK_S``, or outlived its wall-time deadline. A decoder runs one
+    thread, so it cannot use its CPU time in less wall time than that: /proc is read only once
+    a job has run for half of it (room for a second thread), not for every short decode."""
 
     def __init__(self) -> None:
         self._watches: set[Watch] = set()
@@ -138,6 +142,7 @@ class Watchdog:
         start = cpu_seconds(watch.child.pid)
         with self._cond:
             watch.cpu_start = start
+            watch.cpu_started_at = time.monotonic()
 
     def unwatch(self, watch: Watch) -> str | None:
         """The job is over; why the watchdog killed its child, if it did."""
@@ -166,9 +171,10 @@ class Watchdog:
 
     def _check(self, watch: Watch) -> None:
         verdict = None
-        if time.monotonic() > watch.deadline:
+        now = time.monotonic()
+        if now > watch.deadline:
             verdict = "wall"
-        elif watch.cpu_start is not None:
+        elif watch.cpu_start is not None and now - watch.cpu_started_at >= watch.cpu_s / 2:
             used = cpu_seconds(watch.child.pid)
             if used is not None and used - watch.cpu_start > watch.cpu_s:
                 verdict = "cpu"

@@ -59,7 +59,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # dies), and a message handed out again meanwhile is harmless, because the first
         # stored result wins and quarantine moves are idempotent.
         "worker_cancel_long_running_tasks_on_connection_loss": False,
-        "worker_send_task_events": True,  # Flower
+        # Task events cost every task three messages; Flower turns them on when it connects.
+        "worker_send_task_events": settings.task_events,
         "worker_hijack_root_logger": False,
     }
 
