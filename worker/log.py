@@ -22,9 +22,6 @@ __all__ = ["configure_logging", "get_logger"]
 
 #: Loggers shown at the configured level; everything else at WARNING and above.
 OWN_LOGGERS = ("worker", "celery")
-#: Celery's lines for every task ("Received task", "Task … succeeded"), shown at DEBUG only:
-#: modq writes one line per request itself ("published"), with the verdict and request id.
-PER_TASK_LOGGERS = ("celery.app.trace", "celery.worker.strategy")
 
 
 class _Stderr:
@@ -80,8 +77,6 @@ def configure_logging(level: str = "INFO", json: bool = True) -> None:
     root.setLevel(logging.WARNING)
     for name in OWN_LOGGERS:
         logging.getLogger(name).setLevel(numeric)
-    for name in PER_TASK_LOGGERS:
-        logging.getLogger(name).setLevel(numeric if numeric <= logging.DEBUG else logging.WARNING)
     logging.captureWarnings(True)
     if json:
         _route_uncaught_exceptions()

@@ -23,6 +23,7 @@ from worker.banks.gate import BankGate
 from worker.cache import VerdictCache
 from worker.cache.leases import LeaseKeeper, RedisLeases
 from worker.cache.results import ResultStore
+from worker.callbacks import Publisher
 from worker.config import Settings
 from worker.decode.pool import Decoder, build_decoder
 from worker.errors import ConfigError
@@ -204,7 +205,7 @@ def _extras(
 ) -> tuple[BankGate | None, Actions]:
     """The hash banks, and the actions beside quarantine, each off unless configured.
     ``banks_until_read``: images wait for the bank list until it has been read once."""
-    with _building("MODQ_BANK_URL", settings.bank_url):
+    with _building("MODQ_BANK_URL"):  # a URL may hold a password: named, not shown
         banks = BankGate.from_settings(settings.banks, until_read=banks_until_read)
         if banks is not None:
             banks.probe()  # banks that must be read and cannot be: refuse to start at all
@@ -238,20 +239,26 @@ class _QueueParts:
     leases, and the publishers."""
 
     settings: Settings
-    send_task: SendTask
+    publisher: Publisher
     cache: VerdictCache | None = None
     results: ResultStore | None = None
     leases: LeaseKeeper | None = None
 
     @classmethod
     def build(cls, settings: Settings, send_task: SendTask) -> _QueueParts:
-        parts = cls(settings, send_task)
+        """Before the pipeline's threads and the decoder processes: a part that fails here
+        leaves nothing running."""
+        from worker.callbacks import build_publisher
+
+        with _building("MODQ_DEFAULT_CALLBACK / MODQ_CALLBACK_REDIS_URL"):
+            publisher = build_publisher(settings.callbacks, settings.http, send_task)
+        parts = cls(settings, publisher)
         if settings.cache_url:
             from worker.cache.redis import RedisCache
             from worker.cache.results import RedisResultStore
             from worker.redisclient import redis_client
 
-            with _building("MODQ_CACHE_URL", settings.cache_url):
+            with _building("MODQ_CACHE_URL"):  # a URL may hold a password: named, not shown
                 client = redis_client(settings.cache_url)  # one pool: cache, results, leases
                 parts.cache = RedisCache.from_settings(settings.cache, client)
                 parts.results = RedisResultStore.from_settings(settings.cache, client)
@@ -262,20 +269,14 @@ class _QueueParts:
         return parts
 
     def service(self, pipeline: Pipeline, policies: dict[str, Policy]) -> ModerationService:
-        from worker.callbacks import build_publisher
-
         settings = self.settings
-        with _building(
-            "MODQ_DEFAULT_CALLBACK / MODQ_CALLBACK_REDIS_URL", settings.default_callback
-        ):
-            publisher = build_publisher(settings.callbacks, settings.http, self.send_task)
         delivery = settings.delivery
         rules = DeliveryRules(
             max_deliveries=delivery.max_deliveries, lease_wait_s=delivery.task_time_limit_s
         )
         return ModerationService(
             pipeline,
-            publisher,
+            self.publisher,
             self.results,
             policies,
             settings.default_callback,

@@ -154,12 +154,15 @@ def run_scan(
     concurrency = max(
         4, min(2 * settings.max_batch_size, settings.max_batch_size + 2 * (os.cpu_count() or 1))
     )
-    with (
-        build_runtime(
+    try:
+        runtime = build_runtime(
             settings, store=store, cache=cache, quarantine=quarantine, embed=embed
-        ) as runtime,
-        nullcontext(sys.stdout) if to_stdout else report.open("w") as out,
-    ):
+        )
+    except BaseException:
+        if cache is not None:  # the runtime closes it, once it exists
+            cache.close()
+        raise
+    with runtime, nullcontext(sys.stdout) if to_stdout else report.open("w") as out:
         summary = ScanSummary(model=runtime.backend.describe())
         results = runtime.pipeline.process_many((file_ref(f) for f in files), concurrency)
         if progress is None:
