@@ -252,6 +252,12 @@ class Settings(ProducerSettings):
             raise settings_error(exc) from exc
 
     @property
+    def stream_redis_url(self) -> str:
+        """The Redis of redis-stream:// callbacks and sinks: MODQ_CALLBACK_REDIS_URL, else the
+        broker."""
+        return self.callback_redis_url or self.broker_url
+
+    @property
     def task_threads(self) -> int:
         return self.concurrency or 2 * self.max_batch_size
 
@@ -342,7 +348,7 @@ class Settings(ProducerSettings):
     def callbacks(self) -> CallbackSettings:
         return CallbackSettings(
             default=self.default_callback,
-            redis_url=self.callback_redis_url or self.broker_url,
+            redis_url=self.stream_redis_url,
             webhook_secret=self.webhook_secret,
             webhook_retries=self.webhook_retries,
             webhook_timeout_s=self.webhook_timeout_s,
@@ -353,7 +359,7 @@ class Settings(ProducerSettings):
 
     @property
     def endpoints(self) -> EndpointSettings:
-        return EndpointSettings(self.s3_endpoint_url, self.callback_redis_url or self.broker_url)
+        return EndpointSettings(self.s3_endpoint_url, self.stream_redis_url)
 
     @property
     def metrics(self) -> MetricsSettings:
