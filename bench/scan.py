@@ -34,8 +34,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from worker.decode import DecodedImage, DecodeLimits, decode
+from worker.decode import DecodeLimits, decode
 from worker.decode.pool import Backstop, DecodePool
+from worker.decode.prepare import Prepared, Recipe, decode_prepared
 from worker.hashing import hash_image
 from worker.models.backend import Backend
 from worker.models.precision import load_model
@@ -124,7 +125,7 @@ def scan(
     paths: list[Path],
     batch: int,
     limits: DecodeLimits,
-    decoder: Callable[[bytes, DecodeLimits, int | None], DecodedImage] = decode,
+    decoder: Callable[[bytes, DecodeLimits, int | None, Recipe], Prepared] = decode_prepared,
 ) -> float:
     """The pipeline as `modq scan` builds it (see worker/scan.py: run_scan), model preloaded."""
     options = PipelineOptions(
@@ -169,11 +170,11 @@ def backstop(
     processes = len(os.sched_getaffinity(0))
     pooled, inproc, ratios = [], [], []
     with DecodePool(Backstop(processes)) as pool:
-        scan(backend, paths[:batch], batch, limits, pool.decode)  # warm the decoders
+        scan(backend, paths[:batch], batch, limits, pool.prepare)  # warm the decoders
         for i in range(rounds):
             pair = {}
             for mode in ("pool", "in-process")[:: 1 if i % 2 else -1]:
-                decoder = pool.decode if mode == "pool" else decode
+                decoder = pool.prepare if mode == "pool" else decode_prepared
                 pair[mode] = scan(backend, paths, batch, limits, decoder)
             pooled.append(pair["pool"])
             inproc.append(pair["in-process"])

@@ -188,7 +188,7 @@ def build_runtime(
         actions=actions,
         options=replace(
             PipelineOptions.from_settings(settings.decode, settings.batching, embed),
-            decoder=decoder.decode,
+            decoder=decoder.prepare,
         ),
         perceptual=PerceptualOptions.from_settings(settings.cache),
     )

@@ -17,9 +17,10 @@ from worker.banks.gate import BankGate
 from worker.batching import DynamicBatcher
 from worker.cache import CachedEntry, NearMatch, VerdictCache, choose_near_match
 from worker.config import BatchingSettings, CacheSettings, DecodeSettings
-from worker.decode import DecodedImage, DecodeLimits, decode
+from worker.decode import DecodeLimits
+from worker.decode.prepare import Prepared, Recipe, decode_prepared
 from worker.errors import CacheUnavailable
-from worker.hashing import HASH_VERSION, ImageHashes, hash_image
+from worker.hashing import HASH_VERSION, ImageHashes, hash_reduced
 from worker.hashing.pdq import PdqHash, pdq_hash
 from worker.log import get_logger
 from worker.messages import CacheOutcome, HashInfo, Verdict
@@ -40,8 +41,9 @@ class PipelineOptions:
     embed: bool = False
     max_batch_size: int = 32
     max_wait_ms: float = 10.0
-    #: decode's signature: in this thread by default, or a decode pool's (worker.decode.pool)
-    decoder: Callable[[bytes, DecodeLimits, int | None], DecodedImage] = decode
+    #: decode and prepare: in this thread by default, or in a decode pool's processes
+    #: (``worker.decode.pool``: ``DecodePool.prepare``)
+    decoder: Callable[[bytes, DecodeLimits, int | None, Recipe], Prepared] = decode_prepared
 
     @classmethod
     def from_settings(
@@ -124,6 +126,11 @@ class ScoreLookup:
         # Scores are reused only for the same model, preprocessing, decode and hash method.
         self.namespace = f"{card.cache_namespace}/{draft}/h{HASH_VERSION}"
         self._draft_size = None if options.exact_decode else draft_size(card)
+        # The decoder hands back the model's inputs and the reduction the hashes read; the
+        # frames only where a model's fitting is not Pillow's, or for the banks' PDQ.
+        fit = backend.fit
+        self._recipe = Recipe(fit, frames=fit is None, reduced=True)
+        self._bank_recipe = Recipe(fit, frames=True, reduced=True)
         self.batcher: DynamicBatcher[_Job, _Inferred] = DynamicBatcher(
             self._infer, options.max_batch_size, options.max_wait_ms
         )
@@ -141,7 +148,7 @@ class ScoreLookup:
 
     def _bank_match(
         self, data: bytes, entry: CachedEntry | None
-    ) -> tuple[BankMatch | None, PdqHash | None, DecodedImage | None]:
+    ) -> tuple[BankMatch | None, PdqHash | None, Prepared | None]:
         """The bank match of these bytes, their PDQ, and the decode made to hash them (the
         PDQ an exact cache entry kept spares that decode)."""
         if self.banks is None or not self.banks.active():
@@ -150,7 +157,7 @@ class ScoreLookup:
         if entry is not None and entry.pdq is not None:
             pdq = PdqHash(entry.pdq, entry.pdq_quality or 0)
         else:
-            decoded = self.options.decoder(data, self.options.limits, self._draft_size)
+            decoded = self._decode(data, self._bank_recipe)
             pdq = pdq_hash(decoded.frames[0])
         return self.banks.check(pdq), pdq, decoded
 
@@ -163,7 +170,7 @@ class ScoreLookup:
         pdq_info = {} if pdq is None else {"pdq": pdq.hex, "pdq_quality": pdq.quality}
         if bank is not None:
             clock.mark("decode")
-            frames = len(decoded.frames) if decoded else entry.frames if entry else 1
+            frames = len(decoded.sizes) if decoded else entry.frames if entry else 1
             return Found(
                 None, CacheOutcome.MISS, HashInfo(sha256=sha256, **pdq_info), frames, bank=bank
             )
@@ -172,8 +179,9 @@ class ScoreLookup:
             return Found(
                 self._scores(entry.probabilities), CacheOutcome.EXACT, hashes, entry.frames
             )
-        decoded = decoded or self.options.decoder(data, self.options.limits, self._draft_size)
-        image_hashes = hash_image(data, decoded.frames[0], sha256)
+        decoded = decoded or self._decode(data, self._recipe)
+        assert decoded.reduced is not None
+        image_hashes = hash_reduced(decoded.reduced, decoded.sizes[0], sha256)
         hashes = HashInfo(
             sha256=sha256, phash=image_hashes.phash, dhash=image_hashes.dhash, **pdq_info
         )
@@ -184,7 +192,7 @@ class ScoreLookup:
             return Found(
                 scores, CacheOutcome.PERCEPTUAL, hashes, near.entry.frames, near.phash_distance
             )
-        arrays = [self.backend.preprocess(frame) for frame in decoded.frames]
+        arrays = self._arrays(decoded)
         clock.mark("decode")
         want = embed or self.embed_always
         futures = [self.batcher.submit(_Job(array, want)) for array in arrays]
@@ -213,6 +221,15 @@ class ScoreLookup:
             embedding=worst.output.embedding,
             infer_ms=max(item.forward_seconds for item in inferred) * 1000,
         )
+
+    def _decode(self, data: bytes, recipe: Recipe) -> Prepared:
+        return self.options.decoder(data, self.options.limits, self._draft_size, recipe)
+
+    def _arrays(self, decoded: Prepared) -> list[np.ndarray]:
+        """The model's input arrays, one per sampled frame."""
+        if decoded.inputs:
+            return [self.backend.normalize(fitted) for fitted in decoded.inputs]
+        return [self.backend.preprocess(frame) for frame in decoded.frames]
 
     def _near(self, hashes: ImageHashes, policy: Policy) -> NearMatch | None:
         """The perceptual tier. A near-duplicate inherits a cached score only when it blocks

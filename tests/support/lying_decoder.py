@@ -16,9 +16,21 @@ import time
 
 from worker.decode.wire import ERROR, FRAMES, HEADER, JOB, READY, pack
 
-__all__ = ["LIES", "main"]
+__all__ = ["LIES", "PREPARED", "PREPARED_BYTES", "main"]
 
-_FRAME = {"format": "PNG", "width": 10, "height": 10, "frame_count": 1, "frames": [[10, 10]]}
+_FRAME = {
+    "format": "PNG",
+    "width": 10,
+    "height": 10,
+    "frame_count": 1,
+    "frames": [[10, 10]],
+    "kept": True,
+    "inputs": 0,
+    "reduced": None,
+}
+#: the answer to ``PREPARE``: no frames, one 224x224 input and the 10x10 reduction
+_PREPARED = _FRAME | {"kept": False, "inputs": 1, "reduced": [10, 10]}
+PREPARED_BYTES = 3 * 224 * 224 + 10 * 10
 
 
 def _frames(**changes: object) -> bytes:
@@ -28,6 +40,25 @@ def _frames(**changes: object) -> bytes:
     return pack(FRAMES, document, sum(3 * w * h for w, h in sizes))
 
 
+def _prepared(payload: int = PREPARED_BYTES, **changes: object) -> bytes:
+    return pack(FRAMES, _PREPARED | changes, payload)
+
+
+#: what a job whose recipe fits a 224 input, keeps no frame and reduces the first is
+#: answered with (tests.unit.test_decodepool's PREPARE): the honest answer, then lies
+PREPARED: dict[str, bytes] = {
+    "honest": _prepared() + b"\x00" * PREPARED_BYTES,
+    # frames that were not asked for, announced with their bytes
+    "unasked_frames": _prepared(PREPARED_BYTES + 300, kept=True),
+    "no_inputs": _prepared(100, inputs=0),
+    "extra_inputs": _prepared(PREPARED_BYTES + 3 * 224 * 224, inputs=2),
+    "bool_inputs": _prepared(inputs=True),
+    # a reduction larger than the frame it reduces, bytes and all
+    "wide_reduction": _prepared(PREPARED_BYTES + 10, reduced=[11, 10]),
+    "no_reduction": _prepared(PREPARED_BYTES - 100, reduced=None),
+    "bad_reduction": _prepared(reduced=[10]),
+    "payload": _prepared(PREPARED_BYTES - 1),
+}
 #: each lie: the bytes sent for a job (``None``: the lie is an action, below)
 LIES: dict[str, bytes | None] = {
     # frames a thousand times the pixel cap: the worker must refuse before allocating them
@@ -50,6 +81,8 @@ LIES: dict[str, bytes | None] = {
     "error_with_payload": pack(ERROR, {"code": "corrupt_image", "message": "x"}, 10),
     # a pickle where the header belongs: it must never be unpickled
     "pickle": pickle.dumps({"format": "PNG", "frames": []}),
+    # a reduction to a job that asked for none (the frames alone)
+    "unasked_reduction": _frames(reduced=[5, 5]),
     # half an answer, then gone
     "short": _frames() + b"\x00" * 10,
     "segv": None,
@@ -89,7 +122,7 @@ def main(argv: list[str]) -> int:
         assert kind == JOB
         jobs.read(json_len)
         jobs.read(data_len)
-        answer = LIES[lie]
+        answer = PREPARED[lie] if lie in PREPARED else LIES[lie]
         if answer is None:
             _act(lie)
         else:

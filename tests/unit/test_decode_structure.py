@@ -346,7 +346,7 @@ def test_bounded_resizes_match_the_full_resize(
     image = _photo(*size, seed=3)
     for card in preset_cards():
         full = preprocess(card, image)
-        monkeypatch.setattr("worker.models.preprocess.MAX_INTERMEDIATE_PIXELS", 1000)
+        monkeypatch.setattr("worker.decode.fit.MAX_INTERMEDIATE_PIXELS", 1000)
         bounded = preprocess(card, image)
         monkeypatch.undo()
         diff = np.abs(_levels(card, bounded) - _levels(card, full))

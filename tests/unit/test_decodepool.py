@@ -22,10 +22,12 @@ import pytest
 from PIL import Image
 
 from tests.support.corpus import EXAMPLES, build_corpus, hostile_samples
-from tests.support.lying_decoder import LIES
+from tests.support.lying_decoder import LIES, PREPARED
 from worker.config import Settings
 from worker.decode import DecodedImage, DecodeLimits, decode
+from worker.decode.fit import Fit
 from worker.decode.pool import Backstop, DecodePool, InProcessDecoder, build_decoder
+from worker.decode.prepare import Prepared, Recipe, decode_prepared
 from worker.decode.proc import cpu_seconds
 from worker.errors import (
     ConfigError,
@@ -105,6 +107,53 @@ def test_frames_from_the_pool_equal_in_process_frames_byte_for_byte(
         _same(pool.decode(data, LIMITS, draft), want)
         animated += want.frame_count > 1
     assert animated, "the corpus lost its animation"
+
+
+#: what the pipeline asks of a decoder for each kind of model (worker.scores), and for banks
+RECIPES = [
+    Recipe(Fit("caffe", 224), frames=False, reduced=True),
+    Recipe(Fit("center", 384, "bicubic"), frames=False, reduced=True),
+    Recipe(Fit("squash", 224, "bilinear"), frames=True, reduced=True),
+    Recipe(None, frames=True, reduced=True),  # a model whose fitting is torchvision's
+]
+
+
+def _same_prepared(got: Prepared, want: Prepared) -> None:
+    assert (got.format, got.width, got.height, got.frame_count, got.sizes) == (
+        want.format,
+        want.width,
+        want.height,
+        want.frame_count,
+        want.sizes,
+    )
+    for ours, theirs in [
+        *zip(got.frames, want.frames, strict=True),
+        *zip(got.inputs, want.inputs, strict=True),
+        *([(got.reduced, want.reduced)] if want.reduced or got.reduced else []),
+    ]:
+        assert ours is not None and theirs is not None
+        assert (ours.mode, ours.size) == (theirs.mode, theirs.size)
+        assert ours.tobytes() == theirs.tobytes()
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: r.fit.crop if r.fit else "frames")
+def test_what_the_pool_prepares_equals_in_process_preparation_byte_for_byte(
+    pool: DecodePool, corpus: list[Path], recipe: Recipe
+) -> None:
+    """Model inputs, hash reductions and kept frames cross the pipe unchanged, for stills,
+    animations (an input per sampled frame), rotated, grey, 16-bit and palette images."""
+    several = 0
+    for path in corpus:
+        data = path.read_bytes()
+        want = decode_prepared(data, LIMITS, DRAFT, recipe)
+        got = pool.prepare(data, LIMITS, DRAFT, recipe)
+        _same_prepared(got, want)
+        assert bool(got.frames) is recipe.frames
+        assert len(got.inputs) == (len(got.sizes) if recipe.fit else 0)
+        if recipe.fit:
+            assert {x.size for x in got.inputs} == {(recipe.fit.input_size,) * 2}
+        several += len(got.sizes) > 1
+    assert several, "the corpus lost its animation"
 
 
 def test_refusals_are_the_in_process_refusals(pool: DecodePool) -> None:
@@ -296,6 +345,33 @@ def test_an_answer_out_of_protocol_is_refused_and_its_decoder_replaced(lie: str)
         assert pool.pids() != [pid]
 
 
+PREPARE = Recipe(Fit("caffe", 224), frames=False, reduced=True)
+
+
+def test_an_honest_prepared_answer_is_taken() -> None:
+    """The control for the lies below: the same answer, told straight, is accepted."""
+    with _liar("honest") as pool:
+        got = pool.prepare(_small(), LIMITS, DRAFT, PREPARE)
+    assert got.sizes == ((10, 10),) and not got.frames
+    assert [x.size for x in got.inputs] == [(224, 224)]
+    assert got.reduced is not None and got.reduced.size == (10, 10)
+
+
+@pytest.mark.parametrize("lie", [name for name in PREPARED if name != "honest"])
+def test_a_prepared_answer_that_is_not_what_was_asked_is_refused(lie: str) -> None:
+    with _liar(lie) as pool:
+        [pid] = pool.pids()
+        tracemalloc.start()
+        try:
+            with pytest.raises(DecoderCrashed):
+                pool.prepare(_small(), LIMITS, DRAFT, PREPARE)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < 4 * 1024 * 1024, f"{peak} bytes allocated for a lie"
+        assert pool.pids() != [pid]
+
+
 def test_a_decoder_that_announces_itself_wrongly_stops_the_pool_from_starting() -> None:
     with pytest.raises(ConfigError, match="did not start"):
         _liar("bad_ready")
@@ -343,3 +419,29 @@ def test_settings_choose_the_decoder() -> None:
         assert isinstance(pool, DecodePool) and len(pool.pids()) == cores
     finally:
         pool.close()
+
+
+def test_each_models_inputs_through_the_pool_are_its_preprocessing_of_the_frames(
+    pool: DecodePool, corpus: list[Path]
+) -> None:
+    """A fitted input from a decoder process, normalised here, is exactly what the model's
+    own preprocessing makes of the frame decoded in this process: the same scores."""
+    from tests.support.budget import preset_cards
+    from worker.models.preprocess import draft_size, fit_of, normalize, preprocess
+
+    fitted = set()
+    for card in preset_cards():
+        fit = fit_of(card)
+        if fit is None:
+            assert card.crop == "squash_tv"  # torchvision's resize: frames cross instead
+            continue
+        recipe = Recipe(fit, frames=False, reduced=True)
+        for path in corpus[::3]:
+            data = path.read_bytes()
+            got = pool.prepare(data, LIMITS, draft_size(card), recipe)
+            frames = decode(data, LIMITS, draft_size(card)).frames
+            for ours, frame in zip(got.inputs, frames, strict=True):
+                want = preprocess(card, frame)
+                assert normalize(card, ours).tobytes() == want.tobytes(), (card.id, path)
+        fitted.add(card.crop)
+    assert fitted == {"caffe", "center", "squash"}, "a Pillow crop left the presets"

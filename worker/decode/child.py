@@ -1,7 +1,8 @@
 """A decoder process: ``python -I -m worker.decode.child MEMORY_MB``.
 
 Reads JOB messages on stdin and answers each with FRAMES or ERROR on stdout
-(``worker.decode.wire``), one at a time, until stdin closes. Its address space is capped at
+(``worker.decode.wire``), one at a time, until stdin closes: the images its recipe asks for
+(``worker.decode.prepare``). Its address space is capped at
 its size after start-up plus ``MEMORY_MB``, and before each job its CPU-time soft limit is
 set a second past the job's budget, so it dies of SIGXCPU even if the worker's watchdog
 cannot see it. Running out of that memory is a fact about the image here (the cap is the
@@ -22,8 +23,18 @@ import signal
 import sys
 from typing import IO, Any
 
-from worker.decode import DecodedImage, DecodeLimits, decode
-from worker.decode.wire import ERROR, EXIT_OUT_OF_MEMORY, FRAMES, HEADER, JOB, READY, pack
+from worker.decode import DecodeLimits, decode
+from worker.decode.prepare import Prepared, Recipe, prepare
+from worker.decode.wire import (
+    ERROR,
+    EXIT_OUT_OF_MEMORY,
+    FRAMES,
+    HEADER,
+    JOB,
+    READY,
+    pack,
+    read_recipe,
+)
 from worker.errors import DecodeBudgetExceeded, ImageError, ResourceExhausted
 
 
@@ -47,14 +58,22 @@ def main(argv: list[str]) -> int:
             return 0
         _cap_cpu(float(request["cpu_s"]))
         try:
-            _answer(answers, data, DecodeLimits(**request["limits"]), request["draft_size"])
+            _answer(
+                answers,
+                data,
+                DecodeLimits(**request["limits"]),
+                request["draft_size"],
+                read_recipe(request.get("recipe")),
+            )
         except MemoryError:
             os._exit(EXIT_OUT_OF_MEMORY)
 
 
-def _answer(answers: IO[bytes], data: bytes, limits: DecodeLimits, draft: int | None) -> None:
+def _answer(
+    answers: IO[bytes], data: bytes, limits: DecodeLimits, draft: int | None, recipe: Recipe
+) -> None:
     try:
-        decoded = decode(data, limits, draft)
+        prepared = prepare(decode(data, limits, draft), recipe)
     except (ResourceExhausted, MemoryError):
         error = DecodeBudgetExceeded(
             "the image needs more memory to decode than the decode backstop allows"
@@ -67,21 +86,26 @@ def _answer(answers: IO[bytes], data: bytes, limits: DecodeLimits, draft: int | 
     except Exception as exc:  # a bug in modq, not a property of the image
         _send(answers, pack(ERROR, {"code": "internal", "message": repr(exc)}))
         return
-    _send_frames(answers, decoded)
+    _send_images(answers, prepared)
 
 
-def _send_frames(answers: IO[bytes], decoded: DecodedImage) -> None:
-    sizes = [[frame.width, frame.height] for frame in decoded.frames]
+def _send_images(answers: IO[bytes], prepared: Prepared) -> None:
+    reduced = prepared.reduced
+    images = [*prepared.frames, *prepared.inputs, *([reduced] if reduced is not None else [])]
     document = {
-        "format": decoded.format,
-        "width": decoded.width,
-        "height": decoded.height,
-        "frame_count": decoded.frame_count,
-        "frames": sizes,
+        "format": prepared.format,
+        "width": prepared.width,
+        "height": prepared.height,
+        "frame_count": prepared.frame_count,
+        "frames": [list(size) for size in prepared.sizes],
+        "kept": bool(prepared.frames),
+        "inputs": len(prepared.inputs),
+        "reduced": None if reduced is None else list(reduced.size),
     }
-    answers.write(pack(FRAMES, document, sum(3 * w * h for w, h in sizes)))
-    for frame in decoded.frames:
-        answers.write(frame.tobytes())  # at most 150 MB at the default pixel cap
+    payload = sum(len(image.getbands()) * image.width * image.height for image in images)
+    answers.write(pack(FRAMES, document, payload))
+    for image in images:
+        answers.write(image.tobytes())  # the frames: at most 150 MB at the default pixel cap
     answers.flush()
 
 

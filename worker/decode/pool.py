@@ -35,6 +35,7 @@ from PIL import Image
 
 from worker.config import DecodeSettings
 from worker.decode import DecodedImage, DecodeLimits, decode
+from worker.decode.prepare import Prepared, Recipe, decode_prepared
 from worker.decode.proc import CHILD_COMMAND, DecoderProcess, Watch, Watchdog
 from worker.decode.wire import (
     ERROR,
@@ -49,6 +50,7 @@ from worker.decode.wire import (
     pack,
     parse_header,
     parse_json,
+    recipe_document,
 )
 from worker.errors import (
     ConfigError,
@@ -68,11 +70,16 @@ _START_S = 60.0
 
 
 class Decoder(Protocol):
-    """What the pipeline decodes with (``PipelineOptions.decoder``), and its end."""
+    """What the pipeline decodes with (``PipelineOptions.decoder`` is its ``prepare``), and
+    its end."""
 
     def decode(
         self, data: bytes, limits: DecodeLimits, draft_size: int | None = None
     ) -> DecodedImage: ...
+
+    def prepare(
+        self, data: bytes, limits: DecodeLimits, draft_size: int | None, recipe: Recipe
+    ) -> Prepared: ...
 
     def close(self) -> None: ...
 
@@ -85,6 +92,11 @@ class InProcessDecoder:
         self, data: bytes, limits: DecodeLimits, draft_size: int | None = None
     ) -> DecodedImage:
         return decode(data, limits, draft_size)
+
+    def prepare(
+        self, data: bytes, limits: DecodeLimits, draft_size: int | None, recipe: Recipe
+    ) -> Prepared:
+        return decode_prepared(data, limits, draft_size, recipe)
 
     def close(self) -> None:
         pass
@@ -169,16 +181,22 @@ class DecodePool:
     def decode(
         self, data: bytes, limits: DecodeLimits, draft_size: int | None = None
     ) -> DecodedImage:
+        return self.prepare(data, limits, draft_size, Recipe()).decoded()
+
+    def prepare(
+        self, data: bytes, limits: DecodeLimits, draft_size: int | None, recipe: Recipe
+    ) -> Prepared:
+        """What ``recipe`` asks for from decoding ``data`` (``worker.decode.prepare``)."""
         slot = self._acquire()
         try:
             used = slot.child is not None and slot.child.jobs > 0
             try:
-                return self._run(slot, data, limits, draft_size)
+                return self._run(slot, data, limits, draft_size, recipe)
             except _OutOfMemory:
                 if not used:
                     raise
             # Out of memory in a child that had decoded other images: ask a fresh one.
-            return self._run(slot, data, limits, draft_size)
+            return self._run(slot, data, limits, draft_size, recipe)
         finally:
             self._release(slot)
 
@@ -235,15 +253,20 @@ class DecodePool:
     # -- one job -------------------------------------------------------------------------
 
     def _run(
-        self, slot: _Slot, data: bytes, limits: DecodeLimits, draft_size: int | None
-    ) -> DecodedImage:
+        self,
+        slot: _Slot,
+        data: bytes,
+        limits: DecodeLimits,
+        draft_size: int | None,
+        recipe: Recipe,
+    ) -> Prepared:
         if slot.child is None or not slot.child.alive:
             self._retire(slot)
         child = slot.child if slot.child is not None else self._spawn()
         slot.child = child
         watch = self._watchdog.watch(child, self.backstop.cpu_s, self.backstop.wall_s)
         try:
-            answer = self._exchange(child, watch, data, limits, draft_size)
+            answer = self._exchange(child, watch, data, limits, draft_size, recipe)
         except (OSError, EOFError, DecoderCrashed) as exc:
             verdict = self._watchdog.unwatch(watch)
             code = child.wait_exit(0.2)  # a child that closed its pipe is on its way out
@@ -271,12 +294,14 @@ class DecodePool:
         data: bytes,
         limits: DecodeLimits,
         draft_size: int | None,
-    ) -> DecodedImage | ModqError:
+        recipe: Recipe,
+    ) -> Prepared | ModqError:
         if not child.ready:
             self._handshake(child)
         self._watchdog.start_cpu(watch)
         child.jobs += 1
-        child.jobs_in.write(_job_header(limits, draft_size, self.backstop.cpu_s, len(data)))
+        job = _job_header(limits, draft_size, self.backstop.cpu_s, recipe, len(data))
+        child.jobs_in.write(job)
         child.jobs_in.write(data)
         child.jobs_in.flush()
         kind, json_len, payload_len = parse_header(child.read(HEADER.size), (FRAMES, ERROR))
@@ -285,7 +310,7 @@ class DecodePool:
             if payload_len:
                 raise DecoderCrashed("the decoder process sent an error with a payload")
             return child_error(document)
-        return _frames(child, frame_layout(document, payload_len, limits))
+        return _images(child, frame_layout(document, payload_len, limits, recipe))
 
     def _death(
         self, child: DecoderProcess, verdict: str | None, code: int | None, exc: BaseException
@@ -324,26 +349,47 @@ class DecodePool:
 
 
 @functools.lru_cache(maxsize=64)
-def _job_document(limits: DecodeLimits, draft_size: int | None, cpu_s: float) -> bytes:
+def _job_document(
+    limits: DecodeLimits, draft_size: int | None, cpu_s: float, recipe: Recipe
+) -> bytes:
     # The same few limits come with every image: build their JSON once (asdict deep-copies).
-    job = {"limits": asdict(limits), "draft_size": draft_size, "cpu_s": cpu_s}
+    job = {
+        "limits": asdict(limits),
+        "draft_size": draft_size,
+        "cpu_s": cpu_s,
+        "recipe": recipe_document(recipe),
+    }
     return pack(JOB, job)[HEADER.size :]
 
 
-def _job_header(limits: DecodeLimits, draft_size: int | None, cpu_s: float, size: int) -> bytes:
-    document = _job_document(limits, draft_size, cpu_s)
+def _job_header(
+    limits: DecodeLimits, draft_size: int | None, cpu_s: float, recipe: Recipe, size: int
+) -> bytes:
+    document = _job_document(limits, draft_size, cpu_s, recipe)
     return HEADER.pack(JOB, len(document), size) + document
 
 
-def _frames(child: DecoderProcess, layout: FrameLayout) -> DecodedImage:
-    frames = []
-    for width, height in layout.sizes:
-        pixels = bytearray(3 * width * height)
-        child.read_into(pixels)
-        frames.append(Image.frombytes("RGB", (width, height), pixels))
-    return DecodedImage(
-        tuple(frames), layout.format, layout.width, layout.height, layout.frame_count
+def _images(child: DecoderProcess, layout: FrameLayout) -> Prepared:
+    frames = tuple(_read_image(child, "RGB", size) for size in layout.sizes if layout.kept)
+    side = layout.input_size
+    inputs = tuple(_read_image(child, "RGB", (side, side)) for _ in range(layout.inputs))
+    reduced = _read_image(child, "L", layout.reduced) if layout.reduced else None
+    return Prepared(
+        layout.format,
+        layout.width,
+        layout.height,
+        layout.frame_count,
+        layout.sizes,
+        frames,
+        inputs,
+        reduced,
     )
+
+
+def _read_image(child: DecoderProcess, mode: str, size: tuple[int, int]) -> Image.Image:
+    pixels = bytearray(len(mode) * size[0] * size[1])
+    child.read_into(pixels)
+    return Image.frombytes(mode, size, pixels)
 
 
 def _describe(code: int | None) -> str:

@@ -7,21 +7,30 @@ Each message is one header, its JSON, then its payload::
 
     header    4-byte kind · u32 JSON length · u64 payload length   (little-endian)
 
-    worker → decoder   JOB     {"limits": {…}, "draft_size": n|null, "cpu_s": s}     the bytes
-    decoder → worker   READY   {"pid": n}                                            (none)
-                       FRAMES  {"format", "width", "height", "frame_count",
-                                "frames": [[w, h], …]}                                RGB rows
-                       ERROR   {"code", "message"}                                   (none)
+    worker → decoder   JOB     {"limits": {…}, "draft_size": n|null, "cpu_s": s,
+                                "recipe": {"fit": {…}|null, "frames": b,
+                                           "reduced": b}}                    the bytes
+    decoder → worker   READY   {"pid": n}                                    (none)
+                       FRAMES  {"format", "width", "height", "frame_count",  RGB rows of the
+                                "frames": [[w, h], …], "kept": b,            kept frames, the
+                                "inputs": n, "reduced": [w, h]|null}         inputs; grey rows
+                       ERROR   {"code", "message"}                           (none)
+
+The recipe (``worker.decode.prepare``) says what comes back: the sampled frames (``kept``), each
+fitted to the model's input square (``inputs``: none, or one per frame), and the first frame
+reduced for hashing; a JOB without one asks for the frames alone.
 """
 
 from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from worker.decode import DecodeLimits
+from worker.decode.fit import Fit
+from worker.decode.prepare import Recipe
 from worker.errors import DecoderCrashed, ImageError, InternalError, ModqError
 
 __all__ = [
@@ -38,6 +47,8 @@ __all__ = [
     "pack",
     "parse_header",
     "parse_json",
+    "read_recipe",
+    "recipe_document",
 ]
 
 HEADER = struct.Struct("<4sIQ")
@@ -76,24 +87,54 @@ def parse_json(raw: bytes) -> dict[str, Any]:
     return document
 
 
+def recipe_document(recipe: Recipe) -> dict[str, Any]:
+    fit = recipe.fit
+    return {
+        "fit": None if fit is None else asdict(fit),
+        "frames": recipe.frames,
+        "reduced": recipe.reduced,
+    }
+
+
+def read_recipe(document: dict[str, Any] | None) -> Recipe:
+    """The decoder's reading of a JOB's recipe (the frames alone when there is none)."""
+    if document is None:
+        return Recipe()
+    fit = document["fit"]
+    return Recipe(Fit(**fit) if fit is not None else None, document["frames"], document["reduced"])
+
+
 @dataclass(frozen=True)
 class FrameLayout:
-    """A FRAMES answer the worker checked: the sizes of the RGB frames that follow it."""
+    """A FRAMES answer the worker checked: the sizes of the images that follow it."""
 
     format: str
     width: int
     height: int
     frame_count: int
+    #: each sampled frame's size as decoded
     sizes: tuple[tuple[int, int], ...]
+    #: the frames' RGB rows follow
+    kept: bool = True
+    #: this many inputs of ``input_size`` squared follow, RGB
+    inputs: int = 0
+    input_size: int = 0
+    #: the size of the grey reduction of the first frame that follows, if one does
+    reduced: tuple[int, int] | None = None
 
     @property
     def payload_len(self) -> int:
-        return sum(3 * w * h for w, h in self.sizes)
+        frames = sum(3 * w * h for w, h in self.sizes) if self.kept else 0
+        reduced = self.reduced[0] * self.reduced[1] if self.reduced else 0
+        return frames + 3 * self.inputs * self.input_size**2 + reduced
 
 
-def frame_layout(document: dict[str, Any], payload_len: int, limits: DecodeLimits) -> FrameLayout:
-    """The frames a decoder announced, refused unless every count fits the limits it was
-    given and the payload it announced is exactly their RGB bytes."""
+def frame_layout(
+    document: dict[str, Any], payload_len: int, limits: DecodeLimits, recipe: Recipe
+) -> FrameLayout:
+    """The images a decoder announced, refused unless every count fits the limits it was
+    given, they are what the recipe asked for, and the payload it announced is exactly their
+    bytes."""
     fmt = document.get("format")
     if not isinstance(fmt, str) or not fmt.isalnum() or len(fmt) > _MAX_FORMAT:
         raise _lie(f"format {fmt!r}")
@@ -109,10 +150,38 @@ def frame_layout(document: dict[str, Any], payload_len: int, limits: DecodeLimit
     pixels = sum(w * h for w, h in sizes)
     if pixels > limits.max_pixels:
         raise _lie(f"frames of {pixels} pixels together; the limit is {limits.max_pixels}")
-    layout = FrameLayout(fmt, width, height, frame_count, sizes)
+    if document.get("kept") is not recipe.frames:
+        raise _lie(f"kept {document.get('kept')!r} where {recipe.frames} was asked")
+    inputs = 0 if recipe.fit is None else len(sizes)
+    if document.get("inputs") != inputs or type(document.get("inputs")) is not int:
+        raise _lie(f"{str(document.get('inputs'))[:20]} inputs where {inputs} were asked")
+    reduced = _reduced(document.get("reduced"), sizes[0], recipe)
+    layout = FrameLayout(
+        fmt,
+        width,
+        height,
+        frame_count,
+        sizes,
+        recipe.frames,
+        inputs,
+        recipe.fit.input_size if recipe.fit is not None else 0,
+        reduced,
+    )
     if payload_len != layout.payload_len:
-        raise _lie(f"{payload_len} payload bytes for frames of {layout.payload_len}")
+        raise _lie(f"{payload_len} payload bytes for images of {layout.payload_len}")
     return layout
+
+
+def _reduced(announced: object, first: tuple[int, int], recipe: Recipe) -> tuple[int, int] | None:
+    """The reduction's size: asked for, and no larger than the frame it reduces."""
+    if not recipe.reduced:
+        if announced is not None:
+            raise _lie("a reduction that was not asked for")
+        return None
+    size = _size(announced)
+    if size[0] > first[0] or size[1] > first[1]:
+        raise _lie(f"a reduction of {size} for a frame of {first}")
+    return size
 
 
 def child_error(document: dict[str, Any]) -> ModqError:

@@ -7,6 +7,20 @@
 - ``pdq_index``: the banks' 256-bit index, laid out as ThreatExchange's.
 """
 
-from worker.hashing.perceptual import HASH_VERSION, ImageHashes, hash_image, sha256_hex
+from worker.hashing.perceptual import (
+    HASH_VERSION,
+    ImageHashes,
+    hash_image,
+    hash_reduced,
+    reduce_for_hashing,
+    sha256_hex,
+)
 
-__all__ = ["HASH_VERSION", "ImageHashes", "hash_image", "sha256_hex"]
+__all__ = [
+    "HASH_VERSION",
+    "ImageHashes",
+    "hash_image",
+    "hash_reduced",
+    "reduce_for_hashing",
+    "sha256_hex",
+]

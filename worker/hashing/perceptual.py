@@ -21,7 +21,14 @@ import imagehash
 import numpy as np
 from PIL import Image
 
-__all__ = ["HASH_VERSION", "ImageHashes", "hash_image", "sha256_hex"]
+__all__ = [
+    "HASH_VERSION",
+    "ImageHashes",
+    "hash_image",
+    "hash_reduced",
+    "reduce_for_hashing",
+    "sha256_hex",
+]
 
 #: 2: hashed from the reduced frame (1: from the decoded frame itself)
 HASH_VERSION = 2
@@ -43,11 +50,21 @@ def sha256_hex(data: bytes) -> str:
 
 
 def hash_image(data: bytes, image: Image.Image, sha256: str | None = None) -> ImageHashes:
+    return hash_reduced(reduce_for_hashing(image), image.size, sha256 or sha256_hex(data))
+
+
+def reduce_for_hashing(image: Image.Image) -> Image.Image:
+    """The frame reduced by a whole factor to no less than 128 pixels a side, in grey: all the
+    perceptual hashes look at (a decoder process returns it in place of the frame)."""
     factor = min(image.size) // _REDUCED_SIDE
-    grey = (image.reduce(factor) if factor > 1 else image).convert("L")
-    informative = min(image.size) >= MIN_SIDE and float(np.asarray(grey).std()) >= MIN_STDDEV
+    return (image.reduce(factor) if factor > 1 else image).convert("L")
+
+
+def hash_reduced(grey: Image.Image, frame_size: tuple[int, int], sha256: str) -> ImageHashes:
+    """The hashes of a frame of ``frame_size`` from its reduction (``reduce_for_hashing``)."""
+    informative = min(frame_size) >= MIN_SIDE and float(np.asarray(grey).std()) >= MIN_STDDEV
     return ImageHashes(
-        sha256=sha256 or sha256_hex(data),
+        sha256=sha256,
         phash=str(imagehash.phash(grey)),
         dhash=str(imagehash.dhash(grey)),
         informative=informative,

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from worker.decode.fit import Fit
 from worker.models.card import ModelCard
-from worker.models.preprocess import preprocess
+from worker.models.preprocess import fit_of, normalize, preprocess
 
 __all__ = ["Backend", "BatchOutput", "ModelOutput", "Scores", "scores_from_probabilities"]
 
@@ -71,6 +72,15 @@ class Backend(ABC):
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
         return preprocess(self.card, image)
+
+    @property
+    def fit(self) -> Fit | None:
+        """The geometric half of ``preprocess`` where Pillow does it (a decoder process runs
+        it); ``normalize`` is the rest: ``preprocess(x) == normalize(fit(x))``."""
+        return fit_of(self.card)
+
+    def normalize(self, fitted: Image.Image) -> np.ndarray:
+        return normalize(self.card, fitted)
 
     @abstractmethod
     def forward(self, batch: np.ndarray, embed: bool = False) -> BatchOutput:
