@@ -76,7 +76,11 @@ class Backend(ABC):
     @property
     def fit(self) -> Fit | None:
         """The geometric half of ``preprocess`` where Pillow does it (a decoder process runs
-        it); ``normalize`` is the rest: ``preprocess(x) == normalize(fit(x))``."""
+        it); ``normalize`` is the rest: ``preprocess(x) == normalize(fit(x))``. None where
+        the card's fitting is torchvision's, or where a backend preprocesses its own way:
+        those receive frames."""
+        if type(self).preprocess is not Backend.preprocess:
+            return None
         return fit_of(self.card)
 
     def normalize(self, fitted: Image.Image) -> np.ndarray:
