@@ -261,10 +261,10 @@ class _QueueParts:
             with _building("MODQ_CACHE_URL"):  # a URL may hold a password: named, not shown
                 client = redis_client(settings.cache_url)  # one pool: cache, results, leases
                 parts.cache = RedisCache.from_settings(settings.cache, client)
-                parts.results = RedisResultStore.from_settings(settings.cache, client)
+                results = RedisResultStore.from_settings(settings.cache, client)
+                parts.results = results
                 parts.leases = LeaseKeeper(
-                    RedisLeases(client, settings.cache_prefix, settings.result_ttl_s),
-                    settings.lease_ttl_s,
+                    RedisLeases(results, settings.result_ttl_s), settings.lease_ttl_s
                 )
         return parts
 

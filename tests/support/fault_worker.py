@@ -11,9 +11,9 @@ requests beside it are in flight too. The worker's own code is unchanged: the fa
 real methods from outside, reading the request id the task bound to the log context.
 
 Stages, in delivery order: ``validate`` (the message becomes a request), ``stored`` (the
-result store is read), ``assess`` (the pipeline), ``store`` (the result is stored), ``act``
-(the quarantine action), ``publish`` (the callback), ``dead-letter``, ``forget`` (the
-producers' record).
+result store is read and the lease taken, one step), ``assess`` (the pipeline), ``store``
+(the result is stored), ``act`` (the quarantine action), ``publish`` (the callback),
+``dead-letter``, ``forget`` (the producers' record).
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def _targets() -> dict[str, tuple[Any, str]]:
 
     return {
         "validate": (tasks, "ModerationRequest"),
-        "stored": (ModerationService, "_stored"),
+        "stored": (ModerationService, "_look"),
         "assess": (Pipeline, "assess"),
         "store": (ModerationService, "_store"),
         "act": (Actions, "act"),

@@ -26,7 +26,7 @@ from worker.models.fake import FakeBackend
 from worker.pipeline import Pipeline, PipelineOptions
 from worker.policy import Policy
 from worker.quarantine import LocalQuarantine
-from worker.queue.service import DeliveryRules, LeaseBusy, ModerationService
+from worker.queue.service import DeliveryRules, LeaseBusy, ModerationService, _Turn
 from worker.storage import LocalStore, MemoryStore, file_ref
 
 BLOCK_ALL = Policy("block-all", 0.0, 0.0)
@@ -84,12 +84,16 @@ def _service(
         yield ModerationService(
             pipeline,
             MemoryPublisher(),
-            MemoryResultStore(),
+            leases.results,
             {"allow-all": ALLOW_ALL, "block-all": BLOCK_ALL},
             leases=keeper,
             rules=rules or DeliveryRules(lease_poll_s=0.01),
         )
     keeper.close()
+
+
+def _leases() -> MemoryLeases:
+    return MemoryLeases(MemoryResultStore())
 
 
 def _at_once(works: list[Callable[[], Any]]) -> list[Any]:
@@ -114,7 +118,7 @@ def _at_once(works: list[Callable[[], Any]]) -> list[Any]:
 
 def test_deliveries_at_once_fetch_once_and_publish_one_result(backend: Backend) -> None:
     store = SlowStore({"s3://mem/a.jpg": noise_jpeg(1)})
-    with _service(backend, store, MemoryLeases()) as service:
+    with _service(backend, store, _leases()) as service:
         request = ModerationRequest(request_id="r1", image="s3://mem/a.jpg", callback=HOOK)
         handled = _at_once([lambda: service.handle(request, may_retry=True)] * 6)
         publisher = service.publisher
@@ -135,7 +139,7 @@ def test_deliveries_at_once_move_a_blocked_upload_once(backend: Backend, tmp_pat
     source.write_bytes(noise_jpeg(2))
     local = LocalStore([uploads])
     quarantine = LocalQuarantine(tmp_path / "quarantine", local)
-    with _service(backend, local, MemoryLeases(), quarantine=quarantine) as service:
+    with _service(backend, local, _leases(), quarantine=quarantine) as service:
         request = ModerationRequest(
             request_id="rb", image=file_ref(source), callback=HOOK, policy="block-all"
         )
@@ -153,9 +157,9 @@ def test_deliveries_at_once_move_a_blocked_upload_once(backend: Backend, tmp_pat
 def test_a_dead_holders_lease_expires_and_the_next_delivery_takes_over(
     backend: Backend,
 ) -> None:
-    leases = MemoryLeases()
+    leases = _leases()
     store = SlowStore({"s3://mem/a.jpg": noise_jpeg(1)}, delay_s=0)
-    assert leases.acquire("r2", "a-dead-worker", 0.5) == 0  # taken, then never renewed
+    assert leases.start("r2", "a-dead-worker", 0.5).token  # taken, then never renewed
     with _service(backend, store, leases) as service:
         started = time.monotonic()
         handled = service.handle(
@@ -167,14 +171,14 @@ def test_a_dead_holders_lease_expires_and_the_next_delivery_takes_over(
 
 
 def test_a_live_holder_is_waited_for_then_its_result_is_published(backend: Backend) -> None:
-    leases = MemoryLeases()
+    leases = _leases()
     store = SlowStore({"s3://mem/a.jpg": noise_jpeg(1)}, delay_s=0)
     with _service(backend, store, leases) as service:
         request = ModerationRequest(request_id="r3", image="s3://mem/a.jpg")
         holder = service.leases
         assert holder is not None
-        taken = holder.acquire("r3")  # another delivery in this process holds it
-        assert taken is not None
+        taken = holder.start("r3")  # another delivery in this process holds it
+        assert taken.token is not None
         done: list[Any] = []
         waiter = threading.Thread(
             target=lambda: done.append(service.handle(request, may_retry=True))
@@ -183,16 +187,16 @@ def test_a_live_holder_is_waited_for_then_its_result_is_published(backend: Backe
         time.sleep(0.3)
         assert not done and store.reads == [], "the waiter must not work while the lease is held"
         # The holder finishes: stores the result and releases its lease.
-        result = service._handle_leased(request, True, leased=True).result
-        holder.release("r3", taken[0])
+        result = service._handle_leased(request, True, _Turn(None, taken.token)).result
+        holder.release("r3", taken.token)
         waiter.join(10)
     assert done and done[0].republished and done[0].result == result
     assert store.reads == ["s3://mem/a.jpg"]
 
 
 def test_a_lease_held_too_long_is_a_retryable_wait(backend: Backend) -> None:
-    leases = MemoryLeases()
-    assert leases.acquire("r4", "someone-else", 60) == 0
+    leases = _leases()
+    assert leases.start("r4", "someone-else", 60).token
     store = SlowStore({"s3://mem/a.jpg": noise_jpeg(1)}, delay_s=0)
     rules = DeliveryRules(lease_wait_s=0.3, lease_poll_s=0.01)
     with _service(backend, store, leases, rules=rules) as service, pytest.raises(LeaseBusy):
@@ -203,15 +207,17 @@ def test_a_lease_held_too_long_is_a_retryable_wait(backend: Backend) -> None:
 def _die_holding(leases: MemoryLeases, request_id: str, times: int) -> None:
     """What a delivery whose process dies leaves behind: a counted delivery, an expired lease."""
     for i in range(times):
-        assert leases.acquire(request_id, f"dead-{i}", 0.001) is not None
-        leases.begin(request_id)
+        turn = leases.start(request_id, f"dead-{i}", 0.001)
+        assert turn.token is not None
+        if not turn.counted:
+            leases.begin(request_id)  # it ran alone, and died
         time.sleep(0.002)
 
 
 def test_a_request_that_killed_its_workers_is_answered_before_any_work(
     backend: Backend,
 ) -> None:
-    leases = MemoryLeases()
+    leases = _leases()
     store = SlowStore({"s3://mem/a.jpg": noise_jpeg(1)}, delay_s=0)
     _die_holding(leases, "poison", 3)
     with _service(backend, store, leases, rules=DeliveryRules(max_deliveries=3)) as service:
@@ -232,7 +238,7 @@ def test_a_request_that_killed_its_workers_is_answered_before_any_work(
 
 
 def test_deliveries_under_the_limit_still_run(backend: Backend) -> None:
-    leases = MemoryLeases()
+    leases = _leases()
     store = SlowStore({"s3://mem/a.jpg": noise_jpeg(1)}, delay_s=0)
     _die_holding(leases, "twice", 2)
     with _service(backend, store, leases, rules=DeliveryRules(max_deliveries=3)) as service:
@@ -240,13 +246,14 @@ def test_deliveries_under_the_limit_still_run(backend: Backend) -> None:
             ModerationRequest(request_id="twice", image="s3://mem/a.jpg"), may_retry=True
         )
     assert handled.result.status is Status.OK
-    assert leases.acquire("twice", "probe", 1) == 0, "a finished delivery clears the count"
+    probe = leases.start("twice", "probe", 1, take_over=True)
+    assert probe.standing == 0, "a finished delivery clears the count"
 
 
 def test_a_retry_is_not_a_death(backend: Backend) -> None:
     """A delivery that ends in a retry ended cleanly: its count is cleared, so transient
     failures never add up to ``too_many_deliveries``."""
-    leases = MemoryLeases()
+    leases = _leases()
     store = SlowStore({"s3://mem/a.jpg": noise_jpeg(1)}, delay_s=0)
     store.fail = True
     with _service(backend, store, leases, rules=DeliveryRules(max_deliveries=1)) as service:
@@ -268,7 +275,7 @@ def _handler(service: ModerationService, request_id: str, image: str) -> Callabl
 def test_suspects_run_one_at_a_time_and_fresh_requests_together(backend: Backend) -> None:
     """A request whose earlier delivery died with its process runs alone, so a crash it
     causes again is not counted against the requests beside it."""
-    leases = MemoryLeases()
+    leases = _leases()
     refs = {f"s3://mem/{i}.jpg": noise_jpeg(10 + i) for i in range(8)}
     store = SlowStore(refs, delay_s=0.2)
     for i in range(4):
@@ -300,7 +307,7 @@ def test_an_error_answered_outside_the_lease_never_replaces_the_holders_verdict(
     source.write_bytes(noise_jpeg(5))
     local = LocalStore([uploads])
     quarantine = LocalQuarantine(tmp_path / "quarantine", local)
-    with _service(backend, local, MemoryLeases(), quarantine=quarantine) as service:
+    with _service(backend, local, _leases(), quarantine=quarantine) as service:
         request = ModerationRequest(
             request_id="twin", image=file_ref(source), callback=HOOK, policy="block-all"
         )
@@ -328,7 +335,7 @@ def test_an_action_that_fails_for_good_is_the_stored_answer(backend: Backend) ->
             raise ObjectNotFound("the source is gone")
 
     store = SlowStore({"s3://mem/a.jpg": noise_jpeg(1)}, delay_s=0)
-    with _service(backend, store, MemoryLeases(), quarantine=Unmovable()) as service:
+    with _service(backend, store, _leases(), quarantine=Unmovable()) as service:
         request = ModerationRequest(
             request_id="stuck", image="s3://mem/a.jpg", callback=HOOK, policy="block-all"
         )
@@ -347,27 +354,25 @@ def test_a_release_that_cannot_reach_redis_is_retried_so_no_death_is_counted() -
                 raise CacheUnavailable("lease store (redis) end failed: timeout")
             super().end(request_id, token)
 
-    store = Flaky()
+    store = Flaky(MemoryResultStore())
     keeper = LeaseKeeper(store, 0.3)
-    taken = keeper.acquire("r")
-    assert taken is not None
-    store.begin("r")
+    taken = keeper.start("r")  # counted as a delivery that starts work
+    assert taken.token is not None
     store.down = True
-    keeper.release("r", taken[0])  # a clean end that Redis did not hear of
+    keeper.release("r", taken.token)  # a clean end that Redis did not hear of
     store.down = False
     time.sleep(0.5)  # the keeper's thread tries again
     keeper.close()
-    assert store.acquire("r", "next", 1) == 0, "a clean end was left counted as a death"
+    assert store.start("r", "next", 1).standing == 0, "a clean end was left counted as a death"
 
 
 def test_a_holder_whose_lease_was_taken_over_keeps_the_new_holders_count() -> None:
-    store = MemoryLeases()
-    assert store.acquire("r", "old", 0.05) == 0
-    store.begin("r")
+    store = _leases()
+    assert store.start("r", "old", 0.05).standing == 0
     time.sleep(0.1)  # the old holder's renewals failed; its lease lapsed
-    assert store.acquire("r", "new", 5) == 1
+    assert store.start("r", "new", 5).standing == 1
     store.begin("r")
     store.end("r", "old")  # the old one finishes late
-    assert store.acquire("r", "third", 5) is None, "the new holder's lease was freed"
+    assert store.start("r", "third", 5).token is None, "the new holder's lease was freed"
     store.end("r", "new")
-    assert store.acquire("r", "third", 5) == 0
+    assert store.start("r", "third", 5).standing == 0

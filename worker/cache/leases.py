@@ -8,12 +8,22 @@ published. Another delivery waits, then finds the stored result and re-publishes
 that died leaves a lease that expires within ``ttl_s``, and the next delivery takes over.
 
 Delivery counts recognise a request whose processing kills the worker process (out of
-memory, a native crash): every delivery that starts work counts one (``begin``); one that ends
-in the Python sense (published, retrying, failed) clears the count (``end``). A count left
-standing is the number of deliveries whose process died holding the request.
+memory, a native crash): every delivery that starts work counts one; one that ends in the
+Python sense (published, retrying, failed) clears the count (``end``). A count left standing
+is the number of deliveries whose process died holding the request.
+
+A delivery comes for a request with one atomic step, ``start`` (in Redis one script, one
+round trip): it reads the stored result and, only when there is none, takes the lease; a
+fresh request (no count standing) is counted in the same step. A request with a count
+standing is counted with ``begin`` once it runs alone (``worker.queue.service``), so one that
+dies waiting for its turn is not blamed. A stored result whose action was left unfinished is
+taken over with ``take_over``: the lease is taken beside the result, and nothing is counted.
+So a delivery that holds the lease and found no result knows no result was stored before
+it, and the re-delivery of a finished request never touches the lease.
 
 Redis keys: ``{prefix}:v1:lease:{request_id}`` (the holder's token, ``ttl_s``) and
-``{prefix}:v1:deliveries:{request_id}`` (the count, ``count_ttl_s``).
+``{prefix}:v1:deliveries:{request_id}`` (the count, ``count_ttl_s``), beside the result
+store's ``{prefix}:v1:result:{request_id}``, whose prefix and client they share.
 """
 
 from __future__ import annotations
@@ -22,24 +32,33 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
-import redis
-
+from worker.cache.results import RedisResultStore, ResultStore
 from worker.errors import CacheUnavailable
 from worker.log import get_logger
-from worker.redisclient import DEFAULT_BREAKER_S, DEFAULT_TIMEOUT_S, CircuitBreaker, redis_client
+from worker.redisclient import DEFAULT_BREAKER_S, CircuitBreaker
 
-__all__ = ["LeaseKeeper", "LeaseStore", "MemoryLeases", "RedisLeases"]
+__all__ = ["LeaseKeeper", "LeaseStore", "MemoryLeases", "RedisLeases", "Turn"]
 
 log = get_logger(__name__)
 
-# Take the lease if it is free; either way answer the standing delivery count (-1: taken).
-_ACQUIRE = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-    return tonumber(redis.call('GET', KEYS[2]) or '0')
+# KEYS: lease, deliveries, result; ARGV: token, lease TTL (ms), count TTL (s), take over (1/0).
+# Answers {stored result or nil, 1 when the lease was taken else 0, standing count}.
+_START = """
+local stored = redis.call('GET', KEYS[3])
+if stored and ARGV[4] ~= '1' then
+    return {stored, 0, 0}
 end
-return -1
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    return {stored, 0, 0}
+end
+local standing = tonumber(redis.call('GET', KEYS[2]) or '0')
+if not stored and standing == 0 then
+    redis.call('SET', KEYS[2], 1, 'EX', ARGV[3])
+end
+return {stored, 1, standing}
 """
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -59,15 +78,36 @@ return 1
 """
 
 
+@dataclass(frozen=True)
+class Turn:
+    """What a delivery found when it came for a request (``LeaseStore.start``)."""
+
+    #: the stored result's JSON, if any
+    stored: str | None = None
+    #: the lease's token when this delivery took it; None when it did not (a stored result,
+    #: or another delivery holds the lease)
+    token: str | None = None
+    #: deliveries before this one whose process died holding the request (when it took the lease)
+    standing: int = 0
+
+    @property
+    def counted(self) -> bool:
+        """``start`` counted this delivery: it took the lease of a fresh request."""
+        return self.token is not None and self.stored is None and not self.standing
+
+
 class LeaseStore(Protocol):
-    def acquire(self, request_id: str, token: str, ttl_s: float) -> int | None:
-        """Take the lease; ``None`` when another holds it, else the standing delivery count."""
+    def start(self, request_id: str, token: str, ttl_s: float, *, take_over: bool = False) -> Turn:
+        """In one atomic step: the stored result, and unless there is one (or ``take_over``)
+        the lease under ``token``, free or expired. A delivery that takes the lease of a
+        fresh request (no result, no count standing) starts work and is counted."""
 
     def renew(self, request_id: str, token: str, ttl_s: float) -> bool:
         """Extend a lease still held under ``token``."""
 
     def begin(self, request_id: str) -> int:
-        """Count one more delivery that starts work; returns the count."""
+        """Count one more delivery that starts work (one ``start`` did not count); returns
+        the count."""
 
     def end(self, request_id: str, token: str) -> None:
         """The delivery ended without its process dying: free the lease and clear the count,
@@ -75,21 +115,30 @@ class LeaseStore(Protocol):
 
 
 class MemoryLeases:
-    """The fake: one process's leases and counts, expiring by ``clock``."""
+    """The fake: one process's leases and counts beside ``results``, expiring by ``clock``."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, results: ResultStore, clock: Callable[[], float] = time.monotonic) -> None:
+        self.results = results
         self._clock = clock
         self._lock = threading.Lock()
         self._leases: dict[str, tuple[str, float]] = {}
         self._counts: dict[str, int] = {}
 
-    def acquire(self, request_id: str, token: str, ttl_s: float) -> int | None:
+    def start(self, request_id: str, token: str, ttl_s: float, *, take_over: bool = False) -> Turn:
         with self._lock:
+            # Results are stored before leases are released, so under this lock a free lease
+            # means every result stored by an earlier holder is visible.
+            stored = self.results.get(request_id)
+            if stored is not None and not take_over:
+                return Turn(stored)
             held = self._leases.get(request_id)
             if held is not None and held[1] > self._clock():
-                return None
+                return Turn(stored)
             self._leases[request_id] = (token, self._clock() + ttl_s)
-            return self._counts.get(request_id, 0)
+            turn = Turn(stored, token, self._counts.get(request_id, 0))
+            if turn.counted:
+                self._counts[request_id] = 1
+            return turn
 
     def renew(self, request_id: str, token: str, ttl_s: float) -> bool:
         with self._lock:
@@ -117,24 +166,18 @@ class MemoryLeases:
 
 class RedisLeases:
     def __init__(
-        self,
-        client: redis.Redis | str,
-        prefix: str,
-        count_ttl_s: int,
-        *,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-        breaker_s: float = DEFAULT_BREAKER_S,
+        self, results: RedisResultStore, count_ttl_s: int, *, breaker_s: float = DEFAULT_BREAKER_S
     ) -> None:
-        """``client``: a URL (the store then owns and closes its client) or a shared client;
-        ``count_ttl_s``: how long a standing delivery count is remembered."""
-        if not prefix or count_ttl_s < 1:
-            raise ValueError("leases need a non-empty prefix and a count TTL of 1 s or more")
-        self.prefix = prefix
+        """Leases beside ``results``, on its client and under its prefix; ``count_ttl_s``: how
+        long a standing delivery count is remembered."""
+        if count_ttl_s < 1:
+            raise ValueError("leases need a count TTL of 1 s or more")
+        self.results = results
+        self.prefix = results.prefix
         self.count_ttl_s = count_ttl_s
-        self._owns_client = isinstance(client, str)
-        self.client = redis_client(client, timeout_s) if isinstance(client, str) else client
+        self.client = results.client
         self.breaker = CircuitBreaker("lease store (redis)", breaker_s)
-        self._acquire = self.client.register_script(_ACQUIRE)
+        self._start = self.client.register_script(_START)
         self._renew = self.client.register_script(_RENEW)
         self._end = self.client.register_script(_END)
 
@@ -144,10 +187,12 @@ class RedisLeases:
         base = f"{self.prefix}:v1:"
         return [f"{base}lease:{request_id}", f"{base}deliveries:{request_id}"]
 
-    def acquire(self, request_id: str, token: str, ttl_s: float) -> int | None:
-        keys, ttl_ms = self._keys(request_id), max(1, int(ttl_s * 1000))
-        count = self.breaker.call("acquire", lambda: self._acquire(keys, [token, ttl_ms]))
-        return None if int(count) < 0 else int(count)
+    def start(self, request_id: str, token: str, ttl_s: float, *, take_over: bool = False) -> Turn:
+        keys = [*self._keys(request_id), self.results.key(request_id)]
+        args: list[str | int] = [token, max(1, int(ttl_s * 1000)), self.count_ttl_s, int(take_over)]
+        stored, taken, standing = self.breaker.call("start", lambda: self._start(keys, args))
+        stored = None if stored is None else _text(stored)
+        return Turn(stored, token, int(standing)) if taken else Turn(stored)
 
     def renew(self, request_id: str, token: str, ttl_s: float) -> bool:
         keys, ttl_ms = self._keys(request_id), max(1, int(ttl_s * 1000))
@@ -170,13 +215,9 @@ class RedisLeases:
         keys = self._keys(request_id)
         self.breaker.call("end", lambda: self._end(keys, [token]))
 
-    def close(self) -> None:
-        if self._owns_client:
-            self.client.close()
-
 
 class LeaseKeeper:
-    """Takes leases with fresh tokens and renews every lease this process holds from one
+    """Starts deliveries with fresh tokens and renews every lease this process holds from one
     thread, every third of the TTL, until it is released. A release that cannot reach Redis
     is tried again by the same thread: a delivery that ended must not stay counted as one
     whose process died."""
@@ -190,20 +231,19 @@ class LeaseKeeper:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def acquire(self, request_id: str) -> tuple[str, int] | None:
-        """``(token, standing delivery count)``, or ``None`` while another delivery holds it."""
-        token = secrets.token_hex(16)
-        count = self.store.acquire(request_id, token, self.ttl_s)
-        if count is None:
-            return None
+    def start(self, request_id: str, *, take_over: bool = False) -> Turn:
+        """``LeaseStore.start`` under a fresh token; a lease taken is renewed until released."""
+        turn = self.store.start(request_id, secrets.token_hex(16), self.ttl_s, take_over=take_over)
+        if turn.token is None:
+            return turn
         with self._lock:
-            self._held[request_id] = token
+            self._held[request_id] = turn.token
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._renew_loop, name="modq-leases", daemon=True
                 )
                 self._thread.start()
-        return token, count
+        return turn
 
     def release(self, request_id: str, token: str) -> None:
         with self._lock:
@@ -239,3 +279,7 @@ class LeaseKeeper:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -101,17 +101,18 @@ class RedisResultStore:
         if self._owns_client:
             self.client.close()
 
-    def _key(self, request_id: str) -> str:
+    def key(self, request_id: str) -> str:
+        """The Redis key of ``request_id``'s result (the leases read it beside theirs)."""
         _check_request_id(request_id)
         return f"{self.prefix}:v1:result:{request_id}"
 
     def get(self, request_id: str) -> str | None:
-        key = self._key(request_id)
+        key = self.key(request_id)
         value = self.breaker.call("get", lambda: self.client.get(key))
         return None if value is None else _text(value)
 
     def put_if_absent(self, request_id: str, result_json: str) -> str:
-        key = self._key(request_id)
+        key = self.key(request_id)
 
         def store() -> object:
             # SET NX then GET in one MULTI: atomic and one round trip on any Redis version
@@ -126,7 +127,7 @@ class RedisResultStore:
         return result_json if stored is None else _text(stored)
 
     def replace(self, request_id: str, result_json: str) -> None:
-        key = self._key(request_id)
+        key = self.key(request_id)
         self.breaker.call("replace", lambda: self.client.set(key, result_json, ex=self.ttl_s))
 
 

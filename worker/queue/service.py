@@ -12,10 +12,12 @@
 
 Only the holder of a request's lease (``worker.cache.leases``) fetches, classifies and acts;
 another delivery of the same request waits, then publishes the holder's stored result, so
-overlapping deliveries publish one result and take one action. The verdict is stored (first
-writer wins) before the source is touched and before anything is published; a delivery that
-takes over from a dead holder finds it and finishes the quarantine action, idempotently
-(``Actions.finish``).
+overlapping deliveries publish one result and take one action. The look at the stored result,
+the lease and a fresh request's count are one atomic step (``LeaseKeeper.start``, one round
+trip to Redis); a stored result whose action is still due is taken over with a second one.
+The verdict is stored (first writer wins) before the source is touched and before anything
+is published; a delivery that takes over from a dead holder finds it and finishes the
+quarantine action, idempotently (``Actions.finish``).
 
 Deliveries that start work are counted; a count that survives its delivery means the process
 died holding the request. A request with such a history runs alone in this process (so a
@@ -73,6 +75,20 @@ class DeliveryRules:
 
 
 @dataclass(frozen=True)
+class _Turn:
+    """This delivery's turn at a request."""
+
+    #: the result stored when the delivery came for it (or took its lease)
+    stored: ModerationResult | None
+    #: this delivery's lease token; None while it holds no lease
+    token: str | None = None
+    #: deliveries before this one whose process died holding the request
+    standing: int = 0
+    #: False when leases cannot be kept (none configured, or their store is unreachable)
+    kept: bool = True
+
+
+@dataclass(frozen=True)
 class Handled:
     result: ModerationResult
     #: the request and result belong in the dead-letter queue (why, as a stable code)
@@ -112,49 +128,45 @@ class ModerationService:
         if isinstance(turn, ModerationResult):
             log.info("re-delivery: publishing the stored result", request_id=request.request_id)
             return self._publish(request, turn, may_retry, republished=True)
-        token, standing = turn
         try:
-            if standing:
+            if turn.standing:
                 # An earlier delivery died holding this request: run it alone, so that if it
                 # kills this process too, the requests beside it are not blamed.
                 with self._suspects:
-                    return self._handle_guarded(request, may_retry, leased=token is not None)
-            return self._handle_guarded(request, may_retry, leased=token is not None)
+                    return self._handle_guarded(request, may_retry, turn)
+            return self._handle_guarded(request, may_retry, turn)
         finally:
-            self._release(request.request_id, token)
+            self._release(request.request_id, turn.token)
 
-    def _handle_guarded(
-        self, request: ModerationRequest, may_retry: bool, *, leased: bool
-    ) -> Handled:
+    def _handle_guarded(self, request: ModerationRequest, may_retry: bool, turn: _Turn) -> Handled:
         """A bug is retried like a transient failure; on the last attempt it becomes an
         ``internal`` error result, published while this delivery still holds the lease."""
         try:
-            return self._handle_leased(request, may_retry, leased=leased)
+            return self._handle_leased(request, may_retry, turn)
         except RetryableError:
             raise
         except Exception as exc:
             if may_retry:
                 raise
             log.exception("unexpected error on the last attempt", request_id=request.request_id)
+            leased = turn.token is not None
             return self.fail(request, InternalError(f"internal error: {exc!r}"), leased=leased)
 
-    def _wait_for_turn(self, request_id: str) -> ModerationResult | tuple[str | None, int]:
-        """The final stored result, or this delivery's turn: ``(lease token, standing
-        delivery count)``, the token ``None`` when leases cannot be kept."""
+    def _wait_for_turn(self, request_id: str) -> ModerationResult | _Turn:
+        """The final stored result, or this delivery's turn at the request."""
         deadline = time.monotonic() + self.rules.lease_wait_s
+        take_over = False
         while True:
-            stored = self._stored(request_id)
-            if stored is not None and self.actions.due(stored) is None:
-                return stored
-            if self.leases is None:
-                return None, 0
-            try:
-                taken = self.leases.acquire(request_id)
-            except CacheUnavailable as exc:
-                log.warning("lease store unavailable", request_id=request_id, error=str(exc))
-                return None, 0
-            if taken is not None:
-                return taken
+            turn = self._look(request_id, take_over)
+            if turn.token is not None:
+                return turn
+            if turn.stored is not None and self.actions.due(turn.stored) is None:
+                return turn.stored
+            if not turn.kept:
+                return turn
+            if turn.stored is not None and not take_over:
+                take_over = True  # an action left unfinished: take the lease to finish it
+                continue
             if time.monotonic() > deadline:
                 raise LeaseBusy(
                     f"another delivery of {request_id} has worked on it for over "
@@ -162,16 +174,30 @@ class ModerationService:
                 )
             time.sleep(self.rules.lease_poll_s)
 
+    def _look(self, request_id: str, take_over: bool) -> _Turn:
+        """The stored result and, unless there is one (or ``take_over``), the lease, counted
+        as a delivery that starts work: one atomic step. Without leases, the stored result."""
+        if self.leases is None:
+            return _Turn(self._stored(request_id), kept=False)
+        try:
+            found = self.leases.start(request_id, take_over=take_over)
+        except CacheUnavailable as exc:
+            log.warning("lease store unavailable", request_id=request_id, error=str(exc))
+            return _Turn(self._stored(request_id), kept=False)
+        text = found.stored
+        stored = None if text is None else ModerationResult.model_validate_json(text)
+        return _Turn(stored, found.token, found.standing)
+
     def _release(self, request_id: str, token: str | None) -> None:
         if self.leases is not None and token is not None:
             self.leases.release(request_id, token)  # retried by the keeper if Redis is away
 
-    def _handle_leased(
-        self, request: ModerationRequest, may_retry: bool, *, leased: bool
-    ) -> Handled:
-        stored = self._stored(request.request_id)  # a dead holder may have stored it
+    def _handle_leased(self, request: ModerationRequest, may_retry: bool, turn: _Turn) -> Handled:
+        # The turn's look at the stored result came with the lease, atomically: a result
+        # stored since (a holder that lost its lease) is found by ``_store``.
+        stored = turn.stored
         if stored is None:
-            count = self._count_delivery(request.request_id) if leased else 0
+            count = self._count_delivery(request.request_id, turn)
             if count > self.rules.max_deliveries:
                 return self.fail(request, _too_many(request.request_id, count - 1), leased=True)
             assessed = self._assess(request, may_retry)
@@ -204,8 +230,14 @@ class ModerationService:
             assessed.embedding,
         )
 
-    def _count_delivery(self, request_id: str) -> int:
-        assert self.leases is not None
+    def _count_delivery(self, request_id: str, turn: _Turn) -> int:
+        """This delivery's count. ``start`` counted a fresh request's; one with a count
+        standing is counted only now that it runs alone: had it been counted while it waited,
+        a crash of the request before it would count against it too."""
+        if self.leases is None or turn.token is None:
+            return 0
+        if not turn.standing:
+            return 1
         try:
             return self.leases.store.begin(request_id)
         except CacheUnavailable as exc:
