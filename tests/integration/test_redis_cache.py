@@ -21,6 +21,7 @@ import pytest
 import redis
 
 from tests.support.redis_server import RedisServer, free_port
+from tests.support.redis_trips import TripCounter
 from tests.unit.test_cache_contract import (
     DHASH,
     LAYOUT,
@@ -143,6 +144,49 @@ def test_redis_drops_members_whose_entry_expired(redis_url: str, redis_raw: redi
         sets = redis_raw.keys(f"{cache.prefix}:v1:{NS}:mih7:*")
         assert len(sets) == LAYOUT.count
         assert all(redis_raw.smembers(key) == {sha(2)} for key in sets)
+    finally:
+        cache.close()
+
+
+def _near_trips(cache: RedisCache, limit: int) -> tuple[list[str], int]:
+    counter = TripCounter()
+    with counter.counting():
+        found = [m.sha256 for m in cache.near(NS, PHASH, DHASH, RADIUS, limit=limit)]
+    return found, counter.count
+
+
+def test_redis_near_reads_a_slice_of_candidates_in_one_round_trip(
+    redis_url: str, redis_raw: redis.Redis
+) -> None:
+    cache = _redis_cache(redis_url)
+    try:
+        cache.near(NS, PHASH, DHASH, RADIUS)  # loads the script
+        for n in (1, 2, 3):
+            cache.put(NS, sha(n), entry())
+        chunk = LAYOUT.chunks(parse_hash(PHASH))[0]
+        redis_raw.sadd(f"{cache.prefix}:v1:{NS}:mih7:0:{chunk}", "not-a-sha256", sha(4))
+        redis_raw.delete(f"{cache.prefix}:v1:{NS}:sha:{sha(2)}")  # as if it expired
+        found, trips = _near_trips(cache, limit=10)
+        assert found == [sha(1), sha(3)]
+        assert trips == 2, "one to read the candidates, one to drop the expired"
+        assert _near_trips(cache, limit=10) == ([sha(1), sha(3)], 1)
+    finally:
+        cache.close()
+
+
+def test_redis_near_reads_more_candidates_than_a_slice_in_slices(redis_url: str) -> None:
+    cache = _redis_cache(redis_url)
+    try:
+        count = 2 * 500 + 7  # three MGET slices
+        for n in range(count):
+            cache.put(NS, sha(n), entry())
+        cache.near(NS, PHASH, DHASH, RADIUS)  # loads the script
+        found, trips = _near_trips(cache, limit=count + 1)
+        assert sorted(found) == sorted(sha(n) for n in range(count))
+        assert trips == 2
+        cache.max_candidates = 600
+        found, _ = _near_trips(cache, limit=count + 1)
+        assert found == sorted(sha(n) for n in range(count))[:600]
     finally:
         cache.close()
 

@@ -8,7 +8,9 @@ Every key lives under one prefix; nothing else is read, written or scanned::
 
 ``k`` is the chunk count (radius + 1), so caches built for different radii never mix layouts.
 A set's TTL is refreshed by every put into it, so it outlives its newest member by at most
-``ttl_s``; members whose entry has expired are skipped by ``near`` and removed then. Keys read
+``ttl_s``; members whose entry has expired are skipped by ``near`` and removed then. ``near``
+is one round trip (a script reads the sets and their members' entries) unless the sets hold
+more candidates than one MGET slice; then the entries are read in slices by a second. Keys read
 unambiguously from the right: a sha256 is 64 hex digits and a chunk is hex, so any namespace
 (``/`` and ``:`` included) is safe, except ``result`` and ``result:…``, which would reach into
 the result store's keys.
@@ -45,6 +47,27 @@ DEFAULT_MAX_CANDIDATES = 10_000
 _MGET_BATCH = 500
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _RESULT_SPACE = "result"  # worker.cache.results keys: {prefix}:v1:result:{request_id}
+
+# KEYS: the probed sets (at most MAX_PROBES, well inside Lua's stack); ARGV: the entry keys'
+# prefix, and the most members whose entries are read here (one MGET slice, so the script
+# holds Redis no longer than one MGET of the slicing path does). Answers {members} when there
+# are more, else {members, entries}, an entry false where its member is no sha256 or expired.
+# The entry keys are built here, not declared: like SUNION over the sets, that needs one Redis
+# (not a Cluster), which is what the cache runs on.
+_NEAR = """
+local members = redis.call('SUNION', unpack(KEYS))
+if #members > tonumber(ARGV[2]) then
+    return {members}
+end
+local entries = {}
+for i, member in ipairs(members) do
+    entries[i] = false
+    if #member == 64 and not member:find('[^0-9a-f]') then
+        entries[i] = redis.call('GET', ARGV[1] .. member)
+    end
+end
+return {members, entries}
+"""
 
 
 def _text(value: object) -> str:
@@ -89,6 +112,7 @@ class RedisCache:
         self._owns_client = isinstance(client, str)
         self.client = redis_client(client, timeout_s) if isinstance(client, str) else client
         self.breaker = CircuitBreaker("verdict cache (redis)", breaker_s, clock)
+        self._near = self.client.register_script(_NEAR)
 
     @classmethod
     def from_settings(cls, cache: CacheSettings, client: redis.Redis | None = None) -> RedisCache:
@@ -156,9 +180,17 @@ class RedisCache:
         chunk_keys = self._probe_keys(space, parse_hash(phash), radius)
         if limit <= 0:
             return []
-        members = self.breaker.call("near", lambda: self.client.sunion(chunk_keys))
-        shas = self._bounded(sorted(m for m in map(_text, members) if _SHA256.fullmatch(m)))
-        texts = self.breaker.call("near", lambda: self._mget([f"{space}:sha:{s}" for s in shas]))
+        entry_prefix = f"{space}:sha:"
+        reply = self.breaker.call(
+            "near", lambda: self._near(chunk_keys, [entry_prefix, _MGET_BATCH])
+        )
+        members = [_text(member) for member in reply[0]]
+        shas = self._bounded(sorted(m for m in members if _SHA256.fullmatch(m)))
+        if len(reply) > 1:
+            read = dict(zip(members, reply[1], strict=True))
+            texts = [read[sha256] for sha256 in shas]
+        else:
+            texts = self.breaker.call("near", lambda: self._mget([entry_prefix + s for s in shas]))
         candidates: list[tuple[str, CachedEntry]] = []
         stale: list[str] = []
         for sha256, text in zip(shas, texts, strict=True):
