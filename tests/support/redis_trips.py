@@ -101,6 +101,8 @@ def queue_runtime(redis_url: str, store: MemoryStore) -> Iterator[Runtime]:
     settings = Settings(
         cache_url=redis_url,
         decode_processes=0,
+        broker_url=redis_url,
+        pending_sweep_s=0,  # no producers' record: the task, not the service, tends it
         lease_ttl_s=600,  # no renewal during a measurement
         max_wait_ms=0,
         metrics_port=0,

@@ -17,7 +17,7 @@ import pytest
 from tests.support.images import noise_jpeg
 from worker.actions import Actions
 from worker.cache import MemoryResultStore
-from worker.cache.leases import LeaseKeeper, MemoryLeases
+from worker.cache.leases import LeaseKeeper, MemoryLeases, Turn
 from worker.callbacks import MemoryPublisher
 from worker.errors import CacheUnavailable, InvalidRequest, ObjectNotFound, StorageUnavailable
 from worker.messages import ModerationRequest, Status, Verdict
@@ -376,3 +376,38 @@ def test_a_holder_whose_lease_was_taken_over_keeps_the_new_holders_count() -> No
     assert store.start("r", "third", 5).token is None, "the new holder's lease was freed"
     store.end("r", "new")
     assert store.start("r", "third", 5).standing == 0
+
+
+def test_a_stored_result_is_republished_while_another_delivery_holds_the_lease(
+    backend: Backend,
+) -> None:
+    """A re-delivery looks at the stored result before the lease: it never waits for one."""
+    leases = _leases()
+    store = SlowStore({"s3://mem/a.jpg": noise_jpeg(1)}, delay_s=0)
+    rules = DeliveryRules(lease_wait_s=0.2, lease_poll_s=0.01)
+    with _service(backend, store, leases, rules=rules) as service:
+        request = ModerationRequest(request_id="r5", image="s3://mem/a.jpg")
+        first = service.handle(request, may_retry=True)
+        assert leases.start("r5", "a-late-holder", 60, take_over=True).token
+        again = service.handle(request, may_retry=True)
+    assert again.republished and again.result == first.result
+    assert len(store.reads) == 1
+
+
+def test_with_the_lease_store_unreachable_a_delivery_works_without_a_lease(
+    backend: Backend,
+) -> None:
+    class Unreachable(MemoryLeases):
+        def start(
+            self, request_id: str, token: str, ttl_s: float, *, take_over: bool = False
+        ) -> Turn:
+            raise CacheUnavailable("lease store (redis) start failed: timeout")
+
+    store = SlowStore({"s3://mem/a.jpg": noise_jpeg(1)}, delay_s=0)
+    with _service(backend, store, Unreachable(MemoryResultStore())) as service:
+        request = ModerationRequest(request_id="r6", image="s3://mem/a.jpg")
+        first = service.handle(request, may_retry=True)
+        again = service.handle(request, may_retry=True)
+    assert first.result.status is Status.OK and not first.republished
+    assert again.republished and again.result == first.result, "the result store still answers"
+    assert len(store.reads) == 1
