@@ -411,3 +411,30 @@ def test_with_the_lease_store_unreachable_a_delivery_works_without_a_lease(
     assert first.result.status is Status.OK and not first.republished
     assert again.republished and again.result == first.result, "the result store still answers"
     assert len(store.reads) == 1
+
+
+def test_a_suspect_is_counted_only_once_it_runs_alone(backend: Backend) -> None:
+    """Suspects wait their turn holding their leases; counted while waiting, they would all
+    be blamed when the one running kills the process."""
+    events: list[tuple[str, str]] = []
+
+    class Recording(MemoryLeases):
+        def begin(self, request_id: str) -> int:
+            events.append(("begin", request_id))
+            return super().begin(request_id)
+
+    class Reads(SlowStore):
+        def read(self, ref: str, max_bytes: int) -> bytes:
+            events.append(("read", ref.rsplit("/", 1)[-1].removesuffix(".jpg")))
+            return super().read(ref, max_bytes)
+
+    leases = Recording(MemoryResultStore())
+    store = Reads({f"s3://mem/suspect-{i}.jpg": noise_jpeg(20 + i) for i in range(3)}, 0.1)
+    for i in range(3):
+        _die_holding(leases, f"suspect-{i}", 1)
+    events.clear()
+    with _service(backend, store, leases) as service:
+        _at_once([_handler(service, f"suspect-{i}", f"s3://mem/suspect-{i}.jpg") for i in range(3)])
+    assert len(events) == 6
+    for begun, read in zip(events[::2], events[1::2], strict=True):
+        assert begun[0] == "begin" and read == ("read", begun[1]), events
