@@ -91,6 +91,25 @@ def test_a_delivery_that_dies_before_it_begins_is_not_counted(store: Leases) -> 
     assert store.begin("r") == 2
 
 
+def test_a_start_sent_again_answers_what_it_did_the_first_time(store: Leases) -> None:
+    """A client re-sends a call whose reply was lost: the same token must find its own lease
+    and no count of its own standing, or it would wait out its own lease and then be taken
+    for a delivery whose process died."""
+    first = store.start("r", "a", 5)
+    assert first == Turn(None, "a", 0) and first.counted
+    assert store.start("r", "a", 5) == first
+    assert store.start("r", "b", 5) == Turn(), "another token still finds it held"
+    store.end("r", "a")
+    assert store.start("r", "c", 5) == Turn(None, "c", 0), "nothing was left standing"
+    store.end("r", "c")
+    # A suspect's start counts nothing: sent again, it still sees the deaths before it.
+    assert store.start("r", "d", 0.1).counted
+    time.sleep(0.15)  # d died
+    suspect = store.start("r", "e", 5)
+    assert suspect == Turn(None, "e", 1)
+    assert store.start("r", "e", 5) == suspect
+
+
 def test_a_stored_result_is_answered_without_the_lease(store: Leases) -> None:
     store.results.put_if_absent("r", RESULT)
     assert store.start("r", "a", 5) == Turn(RESULT), "a re-delivery takes no lease"
@@ -190,9 +209,14 @@ def test_keys_live_under_the_prefix_and_expire(redis_server: RedisServer) -> Non
     assert leases.start("r", "a", 30) == Turn(None, "a", 0)
     client = redis.Redis(port=redis_server.port, db=_DB, decode_responses=True)
     keys = sorted(client.scan_iter(f"{prefix}:*"))
-    assert keys == [f"{prefix}:v1:deliveries:r", f"{prefix}:v1:lease:r"]
+    assert keys == [
+        f"{prefix}:v1:counted:r",
+        f"{prefix}:v1:deliveries:r",
+        f"{prefix}:v1:lease:r",
+    ]
     assert 0 < client.pttl(f"{prefix}:v1:lease:r") <= 30_000
     assert 0 < client.ttl(f"{prefix}:v1:deliveries:r") <= 120
+    assert 0 < client.ttl(f"{prefix}:v1:counted:r") <= 120
     leases.end("r", "a")
     assert list(client.scan_iter(f"{prefix}:*")) == []
     leases.results.put_if_absent("r", RESULT)

@@ -56,6 +56,8 @@ PREPARED: dict[str, bytes] = {
     # a reduction larger than the frame it reduces, bytes and all
     "wide_reduction": _prepared(PREPARED_BYTES + 10, reduced=[11, 10]),
     "no_reduction": _prepared(PREPARED_BYTES - 100, reduced=None),
+    # smaller than the reduction of that frame (honest: the frame's own 10x10), bytes and all
+    "small_reduction": _prepared(PREPARED_BYTES - 75, reduced=[5, 5]),
     "bad_reduction": _prepared(reduced=[10]),
     "payload": _prepared(PREPARED_BYTES - 1),
 }

@@ -445,3 +445,12 @@ def test_each_models_inputs_through_the_pool_are_its_preprocessing_of_the_frames
                 assert normalize(card, ours).tobytes() == want.tobytes(), (card.id, path)
         fitted.add(card.crop)
     assert fitted == {"caffe", "center", "squash"}, "a Pillow crop left the presets"
+
+
+def test_the_reduction_size_the_worker_expects_is_the_one_a_decoder_makes() -> None:
+    """The worker accepts exactly ``reduced_size`` of the first frame from a decoder: it must
+    be what ``reduce_for_hashing`` gives, for sides that divide and sides that do not."""
+    from worker.hashing import reduce_for_hashing, reduced_size
+
+    for size in [(1, 1), (10, 7), (127, 300), (128, 128), (255, 256), (257, 1000), (1001, 3999)]:
+        assert reduce_for_hashing(Image.new("RGB", size)).size == reduced_size(size), size

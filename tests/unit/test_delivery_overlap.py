@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from tests.support.images import noise_jpeg
 from worker.actions import Actions
@@ -20,7 +21,14 @@ from worker.cache import MemoryResultStore
 from worker.cache.leases import LeaseKeeper, MemoryLeases, Turn
 from worker.callbacks import MemoryPublisher
 from worker.errors import CacheUnavailable, InvalidRequest, ObjectNotFound, StorageUnavailable
-from worker.messages import ModerationRequest, Status, Verdict
+from worker.messages import (
+    ActionInfo,
+    HashInfo,
+    ModerationRequest,
+    ModerationResult,
+    Status,
+    Verdict,
+)
 from worker.models.backend import Backend
 from worker.models.fake import FakeBackend
 from worker.pipeline import Pipeline, PipelineOptions
@@ -438,3 +446,64 @@ def test_a_suspect_is_counted_only_once_it_runs_alone(backend: Backend) -> None:
     assert len(events) == 6
     for begun, read in zip(events[::2], events[1::2], strict=True):
         assert begun[0] == "begin" and read == ("read", begun[1]), events
+
+
+def test_a_stored_result_this_version_cannot_read_does_not_keep_the_lease(
+    backend: Backend, tmp_path: Path
+) -> None:
+    """A delivery comes to finish an unfinished move; by the take-over the stored result has
+    become one it cannot parse (a newer worker replaced it). The delivery fails, and the
+    lease it took must not be renewed for ever."""
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    (uploads / "a.jpg").write_bytes(noise_jpeg(3))
+    local = LocalStore([uploads])
+    quarantine = LocalQuarantine(tmp_path / "quarantine", local)
+    image = file_ref(uploads / "a.jpg")
+    unfinished = ModerationResult(
+        request_id="garbled",
+        image=image,
+        status=Status.OK,
+        verdict=Verdict.BLOCK,
+        hashes=HashInfo(sha256="0" * 64),
+        action=ActionInfo(kind="none"),
+    ).model_dump_json()
+
+    class Replaced(MemoryResultStore):
+        looks = 0
+
+        def get(self, request_id: str) -> str | None:
+            self.looks += 1
+            return unfinished if self.looks == 1 else '{"request_id": "garbled", "status": "?"}'
+
+    leases = MemoryLeases(Replaced())
+    with _service(backend, local, leases, quarantine=quarantine) as service:
+        with pytest.raises(ValidationError):
+            service.handle(
+                ModerationRequest(request_id="garbled", image=image, callback=HOOK),
+                may_retry=True,
+            )
+        assert service.leases is not None and not service.leases._held, "a lease kept"
+    assert leases.start("garbled", "next", 5, take_over=True).token == "next"
+
+
+def test_a_suspect_that_waited_publishes_what_was_stored_while_it_waited(
+    backend: Backend,
+) -> None:
+    """A suspect waits for the one running alone; if its request was answered meanwhile (a
+    holder that had lost its lease finished it), that answer is published, not a second run."""
+    leases = _leases()
+    store = SlowStore({"s3://mem/a.jpg": noise_jpeg(4)}, delay_s=0)
+    _die_holding(leases, "late", 1)
+    with _service(backend, store, leases) as service:
+        finished = service.pipeline.error_result("s3://mem/a.jpg", "late", InvalidRequest("x"))
+        request = ModerationRequest(request_id="late", image="s3://mem/a.jpg", callback=HOOK)
+        with service._suspects:  # another suspect runs alone
+            waiting = threading.Thread(
+                target=service.handle, args=(request,), kwargs={"may_retry": True}
+            )
+            waiting.start()
+            time.sleep(0.2)
+            leases.results.put_if_absent("late", finished.model_dump_json())
+        waiting.join(10)
+    assert store.reads == [], "the suspect ran the request again"

@@ -44,10 +44,20 @@ __all__ = ["LeaseKeeper", "LeaseStore", "MemoryLeases", "RedisLeases", "Turn"]
 
 log = get_logger(__name__)
 
-# KEYS: lease, deliveries, result; ARGV: token, lease TTL (ms), count TTL (s), take over (1/0).
-# Answers {stored result or nil, 1 when the lease was taken else 0, standing count}.
+# KEYS: lease, deliveries, counted-by, result; ARGV: token, lease TTL (ms), count TTL (s),
+# take over (1/0). Answers {stored result or nil, 1 when the lease was taken else 0, standing
+# count}. Sent again under the same token (the client re-sends a call whose reply was lost),
+# it answers what the first call did: the lease is this token's, and a count this token set
+# is not standing.
 _START = """
-local stored = redis.call('GET', KEYS[3])
+local stored = redis.call('GET', KEYS[4])
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    local standing = tonumber(redis.call('GET', KEYS[2]) or '0')
+    if redis.call('GET', KEYS[3]) == ARGV[1] then
+        standing = standing - 1
+    end
+    return {stored, 1, standing}
+end
 if stored and ARGV[4] ~= '1' then
     return {stored, 0, 0}
 end
@@ -57,6 +67,7 @@ end
 local standing = tonumber(redis.call('GET', KEYS[2]) or '0')
 if not stored and standing == 0 then
     redis.call('SET', KEYS[2], 1, 'EX', ARGV[3])
+    redis.call('SET', KEYS[3], ARGV[1], 'EX', ARGV[3])
 end
 return {stored, 1, standing}
 """
@@ -70,9 +81,9 @@ return 0
 _END = """
 local holder = redis.call('GET', KEYS[1])
 if holder == ARGV[1] then
-    redis.call('DEL', KEYS[1], KEYS[2])
+    redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
 elseif not holder then
-    redis.call('DEL', KEYS[2])
+    redis.call('DEL', KEYS[2], KEYS[3])
 end
 return 1
 """
@@ -123,6 +134,8 @@ class MemoryLeases:
         self._lock = threading.Lock()
         self._leases: dict[str, tuple[str, float]] = {}
         self._counts: dict[str, int] = {}
+        #: the token whose start set a request's count
+        self._counted: dict[str, str] = {}
 
     def start(self, request_id: str, token: str, ttl_s: float, *, take_over: bool = False) -> Turn:
         with self._lock:
@@ -132,12 +145,17 @@ class MemoryLeases:
             if stored is not None and not take_over:
                 return Turn(stored)
             held = self._leases.get(request_id)
-            if held is not None and held[1] > self._clock():
+            live = held is not None and held[1] > self._clock()
+            if live and held is not None and held[0] == token:  # the same call, sent again
+                ours = self._counted.get(request_id) == token
+                return Turn(stored, token, self._counts.get(request_id, 0) - ours)
+            if live:
                 return Turn(stored)
             self._leases[request_id] = (token, self._clock() + ttl_s)
             turn = Turn(stored, token, self._counts.get(request_id, 0))
             if turn.counted:
                 self._counts[request_id] = 1
+                self._counted[request_id] = token
             return turn
 
     def renew(self, request_id: str, token: str, ttl_s: float) -> bool:
@@ -160,8 +178,10 @@ class MemoryLeases:
             if held is not None and held[0] == token:
                 del self._leases[request_id]
                 self._counts.pop(request_id, None)
+                self._counted.pop(request_id, None)
             elif not live:
                 self._counts.pop(request_id, None)
+                self._counted.pop(request_id, None)
 
 
 class RedisLeases:
@@ -185,7 +205,11 @@ class RedisLeases:
         if not request_id:
             raise ValueError("a lease needs a non-empty request id")
         base = f"{self.prefix}:v1:"
-        return [f"{base}lease:{request_id}", f"{base}deliveries:{request_id}"]
+        return [
+            f"{base}lease:{request_id}",
+            f"{base}deliveries:{request_id}",
+            f"{base}counted:{request_id}",
+        ]
 
     def start(self, request_id: str, token: str, ttl_s: float, *, take_over: bool = False) -> Turn:
         keys = [*self._keys(request_id), self.results.key(request_id)]

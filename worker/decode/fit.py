@@ -43,11 +43,14 @@ class Fit:
             raise ValueError(f"no Pillow fitting for crop {self.crop!r}")
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"unknown interpolation {self.interpolation!r}")
-        if not 1 <= self.input_size <= CAFFE_RESIZE * 4:
+        if self.input_size < 1:
             raise ValueError(f"an input side of {self.input_size}")
 
     def __call__(self, image: Image.Image) -> Image.Image:
-        """``image`` (RGB) as the model's ``input_size`` square, 8-bit RGB."""
+        """``image`` as the model's ``input_size`` square, 8-bit RGB (a decoder's frames are
+        RGB already; other modes are converted first)."""
+        if image.mode != "RGB":
+            image = image.convert("RGB")
         return _BY_CROP[self.crop](self, image)
 
 

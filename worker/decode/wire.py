@@ -32,6 +32,7 @@ from worker.decode import DecodeLimits
 from worker.decode.fit import Fit
 from worker.decode.prepare import Recipe
 from worker.errors import DecoderCrashed, ImageError, InternalError, ModqError
+from worker.hashing import reduced_size
 
 __all__ = [
     "ERROR",
@@ -173,13 +174,14 @@ def frame_layout(
 
 
 def _reduced(announced: object, first: tuple[int, int], recipe: Recipe) -> tuple[int, int] | None:
-    """The reduction's size: asked for, and no larger than the frame it reduces."""
+    """The reduction's size: asked for, and exactly the size the reduction gives the first
+    frame (a larger one would have the worker hash megapixels outside every decode limit)."""
     if not recipe.reduced:
         if announced is not None:
             raise _lie("a reduction that was not asked for")
         return None
     size = _size(announced)
-    if size[0] > first[0] or size[1] > first[1]:
+    if size != reduced_size(first):
         raise _lie(f"a reduction of {size} for a frame of {first}")
     return size
 

@@ -41,7 +41,7 @@ def input_maps(card: ModelCard, size: tuple[int, int]) -> tuple[AxisMap, AxisMap
             AxisMap(CAFFE_RESIZE / height, offset),
         )
     if card.crop == "center":
-        # Mirrors preprocess._center: short side to input_size, long side truncated, then a
+        # Mirrors worker.decode.fit._center: short side to input_size, long side truncated, then a
         # centre crop with a rounded offset.
         if width <= height:
             new = (side, int(side * height / width))

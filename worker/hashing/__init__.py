@@ -13,6 +13,7 @@ from worker.hashing.perceptual import (
     hash_image,
     hash_reduced,
     reduce_for_hashing,
+    reduced_size,
     sha256_hex,
 )
 
@@ -22,5 +23,6 @@ __all__ = [
     "hash_image",
     "hash_reduced",
     "reduce_for_hashing",
+    "reduced_size",
     "sha256_hex",
 ]

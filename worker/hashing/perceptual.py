@@ -27,6 +27,7 @@ __all__ = [
     "hash_image",
     "hash_reduced",
     "reduce_for_hashing",
+    "reduced_size",
     "sha256_hex",
 ]
 
@@ -56,8 +57,19 @@ def hash_image(data: bytes, image: Image.Image, sha256: str | None = None) -> Im
 def reduce_for_hashing(image: Image.Image) -> Image.Image:
     """The frame reduced by a whole factor to no less than 128 pixels a side, in grey: all the
     perceptual hashes look at (a decoder process returns it in place of the frame)."""
-    factor = min(image.size) // _REDUCED_SIDE
+    factor = _factor(image.size)
     return (image.reduce(factor) if factor > 1 else image).convert("L")
+
+
+def reduced_size(frame_size: tuple[int, int]) -> tuple[int, int]:
+    """The size ``reduce_for_hashing`` gives a frame of ``frame_size`` (Pillow rounds up)."""
+    factor = _factor(frame_size)
+    width, height = frame_size
+    return -(-width // factor), -(-height // factor)
+
+
+def _factor(size: tuple[int, int]) -> int:
+    return max(1, min(size) // _REDUCED_SIDE)
 
 
 def hash_reduced(grey: Image.Image, frame_size: tuple[int, int], sha256: str) -> ImageHashes:

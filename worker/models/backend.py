@@ -71,7 +71,10 @@ class Backend(ABC):
     device: str = "cpu"
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
-        return preprocess(self.card, image)
+        fit = fit_of(self.card)
+        if fit is None:
+            return preprocess(self.card, image)
+        return self.normalize(fit(image))  # the pipeline's path, whatever normalize does
 
     @property
     def fit(self) -> Fit | None:

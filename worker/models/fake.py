@@ -116,12 +116,6 @@ class FakeBackend(Backend):
 
     # --- the Backend seam ----------------------------------------------------------------
 
-    def preprocess(self, image: Image.Image) -> np.ndarray:
-        """The squash models' own path (resize, normalise, CHW float32)."""
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        return super().preprocess(image)
-
     def forward(self, batch: np.ndarray, embed: bool = False) -> BatchOutput:
         size = self.card.input_size
         if batch.ndim != 4 or batch.shape[1:] != (3, size, size):

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
 
 from worker import metrics
@@ -133,6 +133,9 @@ class ModerationService:
                 # An earlier delivery died holding this request: run it alone, so that if it
                 # kills this process too, the requests beside it are not blamed.
                 with self._suspects:
+                    # The wait may have been long: what was stored meanwhile is the answer.
+                    stored = self._stored(request.request_id) or turn.stored
+                    turn = replace(turn, stored=stored)
                     return self._handle_guarded(request, may_retry, turn)
             return self._handle_guarded(request, may_retry, turn)
         finally:
@@ -184,8 +187,12 @@ class ModerationService:
         except CacheUnavailable as exc:
             log.warning("lease store unavailable", request_id=request_id, error=str(exc))
             return _Turn(self._stored(request_id), kept=False)
-        text = found.stored
-        stored = None if text is None else ModerationResult.model_validate_json(text)
+        try:
+            stored = None if found.stored is None else _parse(found.stored)
+        except BaseException:
+            # A stored result this version cannot read: the lease must not be kept forever.
+            self._release(request_id, found.token)
+            raise
         return _Turn(stored, found.token, found.standing)
 
     def _release(self, request_id: str, token: str | None) -> None:
@@ -344,7 +351,7 @@ class ModerationService:
         except CacheUnavailable as exc:
             log.warning("result store unavailable", request_id=request_id, error=str(exc))
             return None
-        return None if text is None else ModerationResult.model_validate_json(text)
+        return None if text is None else _parse(text)
 
     def _store(self, result: ModerationResult, may_retry: bool) -> ModerationResult:
         """Keep the result so a re-delivery re-publishes it; when a racing delivery stored one
@@ -359,7 +366,7 @@ class ModerationService:
                 raise
             log.warning("result store unavailable", request_id=result.request_id, error=str(exc))
             return result
-        return ModerationResult.model_validate_json(text)
+        return _parse(text)
 
     def _publish(
         self,
@@ -385,6 +392,10 @@ class ModerationService:
             return Handled(result, exc.code, republished)
         _count_published(callback, result)
         return Handled(result, dead_letter, republished, published=True)
+
+
+def _parse(text: str) -> ModerationResult:
+    return ModerationResult.model_validate_json(text)
 
 
 def _count_published(callback: str, result: ModerationResult) -> None:
