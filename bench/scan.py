@@ -9,10 +9,12 @@ For each preset, in one run over the same set of mixed-size JPEGs:
          preprocess, batched forward) done sequentially in one thread, no pipeline machinery.
 
 It prints images per second for each and the ratios scan/floor (target >= 0.9: the pipeline
-must add almost nothing) and scan/bare. With ``--backstop`` it also runs scan with the decode
+must add almost nothing) and scan/bare, and the CPU time per image of scan over the floor's
+(this process, the two runs back to back). With ``--backstop`` it also runs scan with the decode
 backstop (a pool of decoder processes, one per core, as `modq scan` and the worker decode by
 default) and with decoding in-process (MODQ_DECODE_PROCESSES=0), in ``--rounds`` pairs whose
-order alternates, and prints both and the median of the pairs' ratios. Hub presets run on
+order alternates, and prints both and the median of the pairs' ratios, in images per second
+and in CPU time per image (this process and its decoder processes). Hub presets run on
 random-weight look-alikes (same architecture and preprocessing, so the same speed) built once
 into bench/out/lookalikes.
 
@@ -37,6 +39,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from worker.decode import DecodeLimits, decode
 from worker.decode.pool import Backstop, DecodePool
 from worker.decode.prepare import Prepared, Recipe, decode_prepared
+from worker.decode.proc import cpu_seconds
 from worker.hashing import hash_image
 from worker.models.backend import Backend
 from worker.models.precision import load_model
@@ -168,24 +171,38 @@ def backstop(
     """Scan with the decode pool and in-process, in pairs whose order alternates; the median
     of the pairs' ratios (a shared machine's load drifts between passes)."""
     processes = len(os.sched_getaffinity(0))
-    pooled, inproc, ratios = [], [], []
+    pooled, inproc, ratios, cpu_ratios = [], [], [], []
     with DecodePool(Backstop(processes)) as pool:
         scan(backend, paths[:batch], batch, limits, pool.prepare)  # warm the decoders
         for i in range(rounds):
-            pair = {}
+            pair, cpu = {}, {}
             for mode in ("pool", "in-process")[:: 1 if i % 2 else -1]:
                 decoder = pool.prepare if mode == "pool" else decode_prepared
+                started = _cpu_seconds(pool)
                 pair[mode] = scan(backend, paths, batch, limits, decoder)
+                cpu[mode] = _cpu_seconds(pool) - started
             pooled.append(pair["pool"])
             inproc.append(pair["in-process"])
             ratios.append(pair["pool"] / pair["in-process"])
+            cpu_ratios.append(cpu["pool"] / cpu["in-process"])
     print(
         f"{preset:10} backstop ({processes} decoder processes), {rounds} rounds: pool "
         f"{statistics.median(pooled):.1f} img/s, in-process {statistics.median(inproc):.1f} "
         f"img/s (medians); pool/in-process {statistics.median(ratios):.2f} "
-        f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)})",
+        f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)}); CPU per image, pool (this "
+        f"process and its decoders) / in-process {statistics.median(cpu_ratios):.2f} "
+        f"(rounds: {', '.join(f'{r:.2f}' for r in cpu_ratios)})",
         flush=True,
     )
+
+
+def _cpu_seconds(pool: DecodePool) -> float:
+    """CPU time of this process and of the pool's decoder processes (user + system)."""
+    total = time.process_time()
+    for pid in pool.pids():
+        seconds = cpu_seconds(pid)
+        total += seconds or 0.0
+    return total
 
 
 def main() -> None:
@@ -210,18 +227,23 @@ def main() -> None:
     limits = DecodeLimits()
     print(f"# {len(paths)} JPEGs, 320-4000 px; batch {args.batch}; fp32; cache off\n")
     header = f"{'preset':10} {'scan img/s':>11} {'floor img/s':>12} {'bare img/s':>11}"
-    print(header + f" {'scan/floor':>11} {'scan/bare':>10}")
+    print(header + f" {'scan/floor':>11} {'scan/bare':>10} {'CPU/image scan/floor':>21}")
     for preset in args.presets.split(","):
         backend = load_model(lookalike(preset), device="cpu", precision="fp32")
         # Warm caches and allocators with a short pass of each, then measure.
         floor(backend, paths[: args.batch], args.batch, limits)
         scan(backend, paths[: args.batch], args.batch, limits)
+        started = time.process_time()
         floor_ips = floor(backend, paths, args.batch, limits)
+        floor_cpu = time.process_time() - started
+        started = time.process_time()
         scan_ips = scan(backend, paths, args.batch, limits)
+        scan_cpu = time.process_time() - started
         bare_ips = bare(backend, paths, args.batch, limits)
         print(
             f"{preset:10} {scan_ips:11.1f} {floor_ips:12.1f} {bare_ips:11.1f} "
-            f"{scan_ips / floor_ips:11.2f} {scan_ips / bare_ips:10.2f}",
+            f"{scan_ips / floor_ips:11.2f} {scan_ips / bare_ips:10.2f} "
+            f"{scan_cpu / floor_cpu:21.2f}",
             flush=True,
         )
         if args.backstop:
