@@ -359,14 +359,15 @@ class ModerationService:
         retry can still wait for the store: a re-delivery would find the image gone."""
         if self.results is None:
             return result
+        sent = result.model_dump_json()
         try:
-            text = self.results.put_if_absent(result.request_id, result.model_dump_json())
+            text = self.results.put_if_absent(result.request_id, sent)
         except CacheUnavailable as exc:
             if may_retry and self.actions.due(result) == "move":
                 raise
             log.warning("result store unavailable", request_id=result.request_id, error=str(exc))
             return result
-        return _parse(text)
+        return result if text == sent else _parse(text)  # ours, or the first writer's
 
     def _publish(
         self,
