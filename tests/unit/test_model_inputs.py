@@ -14,24 +14,14 @@ from tests.support.images import textured
 from worker.decode import DecodeLimits, decode
 from worker.decode.pool import Backstop, DecodePool
 from worker.models.backend import Backend, BatchOutput
-from worker.models.card import ModelCard
+from worker.models.fake import FAKE_CARD
 from worker.models.preprocess import draft_size
 from worker.pipeline import Pipeline, PipelineOptions
 from worker.policy import Policy
 from worker.storage import MemoryStore
 
-CARD = ModelCard(
-    id="test/inputs",
-    revision="r1",
-    runtime="onnx",
-    labels=("sfw", "nsfw"),
-    input_size=32,
-    crop="squash",
-    interpolation="bilinear",
-    mean=(0.5, 0.5, 0.5),
-    std=(0.25, 0.25, 0.25),
-    embedding_dim=3,
-)
+#: a squash model's card (Pillow fit, normalised with a mean and a spread)
+CARD = FAKE_CARD
 
 
 class Recording(Backend):
